@@ -1,0 +1,117 @@
+"""`DFTConfig`: which modules carry a DFT edit and how its core is chosen and stored."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+SELECTIONS = ("global", "per_module")
+VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class DFTConfig(PeftConfig):
+    """Configuration of a [`DFTModel`].
+
+    A DFT adapter holds, per targeted module, only a sparse delta: the flat indices of the core elements and their
+    values. The core is the `top_t` fraction of the targeted parameters where the new-knowledge and old-knowledge
+    fine-tuning deltas point in opposite directions and differ most (Delicate Fine-Tuning, §4).
+
+    Args:
+        top_t: Fraction of the targeted parameters kept in the core, in (0, 1]. The paper's T%.
+        lam: λ, the step taken along Δnew on the core (θ ← θ + λ·core), > 0.
+        selection: `"global"` ranks all targeted modules together (one threshold), `"per_module"` keeps `top_t` of
+            each module.
+        target_modules: Modules to edit, with PEFT's meaning (list of suffixes, regex string or `"all-linear"`).
+            The default, `"all-linear"`, is every `nn.Linear`/`Conv1D` except the output head.
+        exclude_modules: Modules never edited, with PEFT's meaning.
+        layers_to_transform / layers_pattern: Restrict to these layer indices, with PEFT's meaning.
+        modules_to_save: Extra modules trained and saved in full, with PEFT's meaning.
+        fan_in_fan_out: The target stores its weight as (in, out), like GPT-2's `Conv1D`. Indices always address
+            the weight as stored; the flag is set automatically for `Conv1D`.
+        value_dtype: dtype of the core values in the saved edit file.
+        verify_base_fingerprint: On load, check that each module's base weights match the ones the edit was made
+            for. Set to False only to apply an edit to a model you know is compatible (e.g. re-quantized).
+    """
+
+    top_t: float = field(default=0.05, metadata={"help": "Fraction of targeted parameters in the core, in (0, 1]."})
+    lam: float = field(default=1.0, metadata={"help": "λ: step along Δnew on the core, > 0."})
+    selection: Literal["global", "per_module"] = field(
+        default="global", metadata={"help": "'global': one threshold across modules; 'per_module': one per module."}
+    )
+    target_modules: list[str] | str | None = field(
+        default="all-linear",
+        metadata={"help": "Modules to edit (PEFT semantics). Default: every linear layer but the output head."},
+    )
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules never edited."})
+    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to edit."})
+    layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained and saved in full."})
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "Target weights are stored as (in, out)."})
+    value_dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "dtype of the core values in the saved file."}
+    )
+    verify_base_fingerprint: bool = field(
+        default=True, metadata={"help": "Refuse to load an edit onto base weights it was not made for."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.DFT
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        if isinstance(self.top_t, bool) or not isinstance(self.top_t, (int, float)) or not 0.0 < self.top_t <= 1.0:
+            raise ValueError(f"DFTConfig.top_t must be a fraction in (0, 1], got {self.top_t!r}")
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0.0 < self.lam < float("inf"):
+            raise ValueError(f"DFTConfig.lam (λ) must be a finite number > 0, got {self.lam!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"DFTConfig.selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.value_dtype not in VALUE_DTYPES:
+            raise ValueError(f"DFTConfig.value_dtype must be one of {tuple(VALUE_DTYPES)}, got {self.value_dtype!r}")
+        if self.target_modules is not None and not isinstance(self.target_modules, (str, set)):
+            raise ValueError(f"DFTConfig.target_modules must be a list of names or a regex string, got "
+                             f"{type(self.target_modules).__name__}")
+        if isinstance(self.target_modules, (set, str)) and len(self.target_modules) == 0:
+            raise ValueError("DFTConfig.target_modules is empty: name at least one module to edit")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("DFTConfig.layers_pattern is only used together with layers_to_transform")
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str) \
+                and self.target_modules != "all-linear":
+            raise ValueError("DFTConfig.layers_to_transform needs target_modules as a list, not a regex string")
+        if self.layers_to_transform is not None:
+            layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) \
+                else self.layers_to_transform
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+                raise ValueError(f"DFTConfig.layers_to_transform must hold layer indices >= 0, got "
+                                 f"{self.layers_to_transform!r}")
+
+    @property
+    def torch_value_dtype(self) -> torch.dtype:
+        return VALUE_DTYPES[self.value_dtype]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load the config; for a local edit also refuse a pickled or corrupt weights file before any model changes."""
+        from .edit_file import preflight
+
+        directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(directory):
+            preflight(directory)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save `adapter_config.json`; when the edit's weights are there, also complete the model card."""
+        super().save_pretrained(save_directory, **kwargs)
+        from .model_card import update_model_card
+
+        update_model_card(save_directory, self.base_model_name_or_path, self.top_t, self.selection)

@@ -1,0 +1,47 @@
+"""`select_core`: DFT's locating step (§4.1), dispatched to the Triton kernels on CUDA and to torch elsewhere."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .kernels import select_core_torch
+from .sparse import SparseDelta
+
+
+def _on_cuda(deltas: Mapping[str, torch.Tensor]) -> bool:
+    return any(t.is_cuda for t in deltas.values()) if isinstance(deltas, dict) else False
+
+
+def select_core(
+    new_deltas: Mapping[str, torch.Tensor],
+    old_deltas: Mapping[str, torch.Tensor],
+    top_t: float,
+    selection: str = "global",
+    *,
+    scale: float = 1.0,
+) -> dict[str, SparseDelta]:
+    """The core of an edit: where Δnew and Δold disagree in sign, the top_t fraction by |Δnew − Δold|.
+
+    Elements whose signs agree (or where either is zero) carry what both fine-tunes learned — style, grammar,
+    format — and are dropped. Among the rest the k = ⌊top_t · numel⌋ largest |Δnew − Δold| are kept (fewer when
+    fewer elements have opposite signs), with values Δnew · scale. Ties at the threshold go to the module whose
+    name sorts first, then to the lowest flat index, so the result is deterministic and a sharded selection can
+    reproduce it.
+
+    Args:
+        new_deltas / old_deltas: module name → delta tensor (any float dtype; same names and shapes).
+        top_t: fraction kept, in (0, 1].
+        selection: `"global"` ranks all modules together, `"per_module"` keeps top_t of each module.
+        scale: factor on the kept values (λ).
+
+    Returns:
+        module name → `SparseDelta` (sorted flat indices, float32 values), one per input module.
+    """
+    if _on_cuda(new_deltas):
+        from .kernels import select_core_triton
+
+        if select_core_triton is not None:
+            return select_core_triton(new_deltas, old_deltas, top_t, selection, scale=scale)
+    return select_core_torch(new_deltas, old_deltas, top_t, selection, scale=scale)

@@ -1,0 +1,285 @@
+"""`DFTModel`: the PEFT tuner that injects DFT layers, accumulates cores and (de)serialises edit files."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D as HFConv1D
+
+from . import codec
+from .config import DFTConfig
+from .edit_file import FILE_PARTS
+from .layer import DFTLayer, dft_layer_class
+from .sparse import SparseDelta, check_indices, coalesce, normalize_core_names
+
+PEFT_PREFIX = "base_model.model."
+FSDP_PREFIX = "_fsdp_wrapped_module."
+
+
+class DFTModel(BaseTuner):
+    """Delicate Fine-Tuning as a PEFT tuner.
+
+    Each targeted module becomes a [`DFTLayer`] whose adapters are sparse deltas. An adapter starts empty (the
+    identity); [`add_core`] accumulates cores selected by [`dft_peft.select_core`] (or the edit loop in
+    [`dft_peft.edit`]). Merging writes the deltas into the weights in place and unmerging restores them bit-exactly.
+    `save_pretrained` writes only the cores: Elias–Fano coded indices and values in `config.value_dtype`.
+
+    Example:
+        ```py
+        >>> import dft_peft
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base, dft_peft.DFTConfig(top_t=0.05))
+        >>> model.add_core(core)  # {module name: SparseDelta}
+        >>> model.save_pretrained("edit/")
+        ```
+    """
+
+    prefix: str = "dft_"
+    tuner_layer_cls = DFTLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # --- injection ------------------------------------------------------------------------------------------
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = "all-linear"
+        return peft_config
+
+    def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        # Remember what injection changes on the user's model, so a failed load can give it back untouched.
+        if not any(isinstance(m, DFTLayer) for m in model.modules()):
+            self._base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def _create_and_replace(
+        self,
+        config: DFTConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs,
+    ) -> None:
+        if isinstance(target, DFTLayer):
+            target.update_layer(adapter_name, config)
+            return
+        new_module = self._create_new_module(config, adapter_name, target)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(config: DFTConfig, adapter_name: str, target: nn.Module) -> DFTLayer:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        layer_cls = dft_layer_class(base)
+        if isinstance(base, HFConv1D) and not config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to True for Conv1D targets (weights stored as (in, out))",
+                          stacklevel=3)
+            config.fan_in_fan_out = True
+        elif isinstance(base, nn.Linear) and config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to False for torch.nn.Linear targets", stacklevel=3)
+            config.fan_in_fan_out = False
+        return layer_cls(target, adapter_name, config)
+
+    # --- cores ----------------------------------------------------------------------------------------------
+
+    def dft_layers(self) -> dict[str, DFTLayer]:
+        """Base-model module name → DFT layer."""
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, DFTLayer)}
+
+    def _layers_with(self, adapter_name: str) -> dict[str, DFTLayer]:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; existing adapters: {sorted(self.peft_config)}")
+        return {n: m for n, m in self.dft_layers().items() if adapter_name in m.dft_values}
+
+    def get_core(self, adapter_name: str = "default") -> dict[str, SparseDelta]:
+        """The adapter's sparse deltas, keyed by base-model module name (empty modules included)."""
+        return {name: layer.sparse_delta(adapter_name) for name, layer in self._layers_with(adapter_name).items()}
+
+    def add_core(
+        self, core: Mapping[str, SparseDelta], adapter_name: str = "default", lam: float | None = None
+    ) -> None:
+        """Accumulate `lam · core` into an adapter: union of indices, values summed where they coincide.
+
+        `core` maps module names (as the base model's `named_modules()` gives them, PEFT's `base_model.model.`
+        prefix accepted) to `SparseDelta`s. Everything is validated before anything changes. `lam` defaults to
+        the adapter config's `lam`.
+        """
+        layers = self._layers_with(adapter_name)
+        lam = self.peft_config[adapter_name].lam if lam is None else lam
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam < float("inf"):
+            raise ValueError(f"lam (λ) must be a finite number > 0, got {lam!r}")
+        core = normalize_core_names(core)
+        for name, delta in core.items():
+            if name not in layers:
+                raise ValueError(f"core names module {name!r}, which has no DFT adapter {adapter_name!r} "
+                                 f"(targeted modules: {sorted(layers)[:5]}...)")
+            layer = layers[name]
+            if delta.numel != layer.base_numel:
+                raise ValueError(f"core for {name!r} has {delta.numel} elements but the module's weight has "
+                                 f"{layer.base_numel} (shape {layer.base_shape})")
+            delta.validate(f"core[{name!r}]")
+            if adapter_name in layer.merged_adapters:
+                raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before add_core")
+        for name, delta in core.items():
+            if delta.nnz:
+                layers[name].add_sparse_delta(adapter_name, delta.scaled(lam) if lam != 1 else delta)
+
+    def add_weighted_adapter(
+        self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str
+    ) -> None:
+        """Create `adapter_name` = Σ weights[i] · adapters[i] (a sparse sum: union of indices)."""
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError("add_weighted_adapter needs as many weights as adapters, at least one")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists")
+        cores = [self.get_core(a) for a in adapters]
+        names = sorted(set().union(*cores))
+        config = copy.deepcopy(self.peft_config[adapters[0]])
+        config.target_modules = set(names)
+        config.exclude_modules = None
+        config.layers_to_transform = None
+        config.layers_pattern = None
+        self.peft_config[adapter_name] = config
+        self.inject_adapter(self.model, adapter_name)
+        layers = self.dft_layers()
+        for name in names:
+            parts = [c[name].scaled(w) for c, w in zip(cores, weights) if name in c]
+            layers[name].set_sparse_delta(adapter_name, coalesce(parts, layers[name].base_shape))
+        self.set_adapter(self.active_adapters)
+
+    # --- edit files -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: DFTConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """Encode each non-empty sparse delta: Elias–Fano coded indices, values in `config.value_dtype`."""
+        out: dict[str, torch.Tensor] = {}
+        for name, layer in _named_dft_layers(model).items():
+            values = state_dict.get(f"{name}.dft_values.{adapter_name}")
+            indices = state_dict.get(f"{name}.dft_indices.{adapter_name}")
+            if values is None or indices is None or indices.numel() == 0:
+                continue
+            code, meta = codec.encode_indices(indices.cpu(), layer.base_numel)
+            out[f"{name}.dft_values.{adapter_name}"] = values.detach().to("cpu", config.torch_value_dtype)
+            out[f"{name}.dft_code.{adapter_name}"] = code
+            out[f"{name}.dft_meta.{adapter_name}"] = meta
+            out[f"{name}.dft_fingerprint.{adapter_name}"] = layer.base_fingerprint.clone()
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: DFTConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Decode and validate every core of an edit file, then size the adapter to receive it.
+
+        Nothing in the model changes unless the whole file is valid; on an invalid file the injection PEFT did
+        for this load is rolled back too, so the user's model is as it was before the call.
+        """
+        try:
+            decoded, passthrough = _decode_edit_file(model, config, adapter_name, state_dict)
+        except Exception:
+            _rollback_failed_load(model, adapter_name)
+            raise
+        out = dict(passthrough)
+        for name, layer in _named_dft_layers(model).items():
+            if adapter_name not in layer.dft_values:
+                continue
+            delta = decoded.get(name) or SparseDelta.empty(layer.base_shape)
+            layer.set_sparse_delta(adapter_name, delta)
+            out[f"{name}.dft_indices.{adapter_name}"] = layer.dft_indices[adapter_name]
+            out[f"{name}.dft_values.{adapter_name}"] = layer.dft_values[adapter_name].detach()
+        return out
+
+    def _rollback(self, adapter_name: str) -> None:
+        """Remove `adapter_name`; when it was the only one, give the base model back as it was before injection."""
+        if len(self.peft_config) > 1:
+            self.delete_adapter(adapter_name)
+            return
+        self._unload_and_optionally_merge(merge=False)
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(self._base_requires_grad.get(name, param.requires_grad))
+
+
+def _named_dft_layers(model: nn.Module) -> dict[str, DFTLayer]:
+    """State-dict prefix → DFT layer, as the state dict of `model` names them (FSDP wrapping stripped)."""
+    return {
+        name.replace(FSDP_PREFIX, ""): module for name, module in model.named_modules() if isinstance(module, DFTLayer)
+    }
+
+
+def _decode_edit_file(
+    model: nn.Module, config: DFTConfig, adapter_name: str, state_dict: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, SparseDelta], dict[str, torch.Tensor]]:
+    """Validate an edit file's tensors → (module prefix → SparseDelta, entries that are not DFT cores)."""
+    layers = {n: m for n, m in _named_dft_layers(model).items() if adapter_name in m.dft_values}
+    # A file saved from a PeftModel names modules with PEFT's prefix; a model with directly injected layers lacks it.
+    aliases = {n if n.startswith(PEFT_PREFIX) else PEFT_PREFIX + n: n for n in layers}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    passthrough = {}
+    for key, tensor in state_dict.items():
+        prefix, _, part = key.rpartition(".")
+        if part in FILE_PARTS or part == "dft_indices":
+            groups.setdefault(prefix, {})[part] = tensor
+        else:
+            passthrough[key] = tensor
+    decoded = {}
+    for prefix, parts in groups.items():
+        name = prefix if prefix in layers else aliases.get(prefix)
+        if name is None:
+            raise ValueError(f"the edit changes module {prefix.removeprefix(PEFT_PREFIX)!r}, which this model has no "
+                             "DFT layer for: was it made for another base model or with other target_modules?")
+        decoded[name] = _decode_module(prefix.removeprefix(PEFT_PREFIX), parts, layers[name], config)
+    return decoded, passthrough
+
+
+def _decode_module(name: str, parts: dict[str, torch.Tensor], layer: DFTLayer, config: DFTConfig) -> SparseDelta:
+    missing = [p for p in FILE_PARTS if p not in parts]
+    if missing:
+        raise ValueError(f"module {name!r}: the edit file lacks {missing} (it holds {sorted(parts)})")
+    for part, allowed in FILE_PARTS.items():
+        if parts[part].dtype not in allowed:
+            raise ValueError(f"module {name!r}: {part} has dtype {parts[part].dtype}, expected one of {allowed}")
+    meta, code, values = parts["dft_meta"], parts["dft_code"], parts["dft_values"]
+    if meta.dtype == torch.int64 and meta.dim() == 1 and meta.numel() >= 2 and int(meta[1]) != layer.base_numel:
+        raise ValueError(f"module {name!r}: the edit was made for a weight of {int(meta[1])} elements but this "
+                         f"model's has {layer.base_numel} (shape {layer.base_shape}): wrong base model")
+    indices = codec.decode_indices(code, meta, layer.base_numel, name)
+    check_indices(indices, layer.base_numel, f"module {name!r}")
+    if values.dim() != 1:
+        raise ValueError(f"module {name!r}: values must be 1-D, got shape {tuple(values.shape)}")
+    if values.numel() != indices.numel():
+        raise ValueError(f"module {name!r}: {indices.numel()} indices but {values.numel()} values")
+    if not torch.isfinite(values).all():
+        raise ValueError(f"module {name!r}: the edit's values contain NaN or inf")
+    fingerprint = parts["dft_fingerprint"]
+    if config.verify_base_fingerprint:
+        expected = layer.base_fingerprint
+        if fingerprint.shape != expected.shape:
+            raise ValueError(f"module {name!r}: malformed base-weight fingerprint of shape {tuple(fingerprint.shape)}")
+        tolerance = 1e-2 * expected.abs().max().clamp_min(1e-12)
+        if not torch.allclose(fingerprint, expected, rtol=1e-2, atol=float(tolerance)):
+            raise ValueError(
+                f"module {name!r}: the base weights differ from those the edit was made for (fingerprint "
+                "mismatch): wrong base model. If you know the edit applies, load with a config whose "
+                "verify_base_fingerprint=False (PeftModel.from_pretrained(base, path, config=config))."
+            )
+    return SparseDelta(indices, values.float(), layer.base_shape)
+
+
+def _rollback_failed_load(model: nn.Module, adapter_name: str) -> None:
+    tuner = model if isinstance(model, DFTModel) else getattr(model, "base_model", None)
+    if isinstance(tuner, DFTModel):
+        tuner._rollback(adapter_name)
