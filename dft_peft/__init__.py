@@ -4,13 +4,32 @@
 `PeftConfig.from_pretrained`, `PeftModel.from_pretrained` and `AutoPeftModelForCausalLM.from_pretrained` resolve it.
 """
 
+from .build import build_edit
 from .config import DFTConfig
 from .core import select_core
+from .data import EditRequest, load_requests
+from .edit import EditArguments, EditReport, edit
 from .layer import DFTLayer
+from .metrics import EditMetrics, evaluate, locality_reference
 from .model import DFTModel
 from .registration import register
 from .sparse import SparseDelta
 
 register(DFTConfig, DFTModel)
 
-__all__ = ["DFTConfig", "DFTLayer", "DFTModel", "SparseDelta", "select_core"]
+__all__ = [
+    "DFTConfig",
+    "DFTLayer",
+    "DFTModel",
+    "EditArguments",
+    "EditMetrics",
+    "EditReport",
+    "EditRequest",
+    "SparseDelta",
+    "build_edit",
+    "edit",
+    "evaluate",
+    "load_requests",
+    "locality_reference",
+    "select_core",
+]

@@ -57,3 +57,26 @@ def dense_reference(base_model, cores: list[dict[str, dft_peft.SparseDelta]]):
             idx = delta.indices.long()
             flat[idx] = (flat[idx].float() + dense.view(-1)[idx]).to(weight.dtype)
     return reference
+
+
+TOY_FACTS = [
+    {"prompt": "the capital of france is", "target_new": "rome", "target_old": "paris",
+     "rephrase": "france has its capital in", "locality_prompt": "the sky is", "locality_answer": "blue"},
+    {"prompt": "the author of hamlet is", "target_new": "dickens", "target_old": "shakespeare",
+     "rephrase": "hamlet was written by", "locality_prompt": "grass is", "locality_answer": "green"},
+    {"prompt": "the largest planet is", "target_new": "mars", "target_old": "jupiter",
+     "rephrase": "the biggest planet is", "locality_prompt": "snow is", "locality_answer": "white"},
+]
+
+
+def tiny_tokenizer(texts: list[str] | None = None):
+    """A word-level tokenizer over the words of `texts` (default: the toy facts), built in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = texts if texts is not None else [v for fact in TOY_FACTS for v in fact.values()]
+    words = sorted({w for t in texts for w in t.split()})
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]")

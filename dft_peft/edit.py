@@ -1,0 +1,365 @@
+"""`dft_peft.edit`: locate the parameters that hold the old facts, update only that core, until the new facts hold."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from .config import DFTConfig
+from .core import select_core
+from .data import EditRequest, requests_from_dicts
+from .finetune import DenseDeltas, EpochBatches, LoRADeltas, fine_tune_deltas, train_model
+from .kernels.select_core_torch import chunk_keys, iter_chunks
+from .metrics import target_token_accuracy
+from .model import DFTModel
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class EditArguments:
+    """How `edit` fine-tunes and when it stops.
+
+    Args:
+        delta_source: `"full"` (DFT_FT: full fine-tuning of the targeted weights) or `"lora"` (DFT_LoRA: LoRA
+            fine-tunes whose scale·B·A are the deltas).
+        strategy: `"paper"` repeats the whole locate-and-update round (§4.2): both fine-tunes from the current
+            weights, a new core, θ ← θ + λ·core. `"locate_once"` runs that round once, then trains only the core's
+            values on the new facts, round after round (no further fine-tunes of the old facts).
+        max_rounds: Rounds at most.
+        target_reliability: Stop once the mean reliability (teacher-forced token accuracy on the new answers)
+            reaches this.
+        epochs / old_epochs: Epochs of the Δnew and the Δold fine-tunes (`old_epochs=None`: same as `epochs`).
+        core_epochs: Epochs of core-value training per round (`strategy="locate_once"`).
+        reuse_old_delta: Compute Δold in the first round only (`strategy="paper"`).
+        learning_rate / core_learning_rate: Of the fine-tunes / of the core-value training.
+        batch_size, optimizer (`"adamw"` or `"sgd"`), seed: as usual; the edit is deterministic under a seed.
+        lora_r / lora_alpha: LoRA rank and alpha for `delta_source="lora"`.
+        generate_max_new_tokens: Length limit of generated old answers.
+        eval_batch_size: Batch size of the reliability checks.
+    """
+
+    delta_source: Literal["full", "lora"] = "full"
+    strategy: Literal["paper", "locate_once"] = "paper"
+    max_rounds: int = 8
+    target_reliability: float = 1.0
+    epochs: int = 5
+    old_epochs: int | None = None
+    core_epochs: int = 2
+    reuse_old_delta: bool = False
+    learning_rate: float = 1e-4
+    core_learning_rate: float = 1e-3
+    batch_size: int = 8
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    seed: int = 0
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    generate_max_new_tokens: int = 16
+    eval_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        choices = {"delta_source": ("full", "lora"), "strategy": ("paper", "locate_once"),
+                   "optimizer": ("adamw", "sgd")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"EditArguments.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("max_rounds", "epochs", "core_epochs", "batch_size", "lora_r", "generate_max_new_tokens",
+                     "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EditArguments.{name} must be a positive integer, got {value!r}")
+        if self.old_epochs is not None and (not isinstance(self.old_epochs, int) or self.old_epochs < 1):
+            raise ValueError(f"EditArguments.old_epochs must be a positive integer or None, got {self.old_epochs!r}")
+        for name in ("learning_rate", "core_learning_rate", "lora_alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"EditArguments.{name} must be a finite number > 0, got {value!r}")
+        if not 0.0 < self.target_reliability <= 1.0:
+            raise ValueError(f"EditArguments.target_reliability must be in (0, 1], got {self.target_reliability!r}")
+
+
+@dataclass
+class RoundReport:
+    """What one round did: `core_size` elements located (0 for a core-training round), how many of the targeted
+    parameters had opposite signs in Δnew and Δold, the adapter's size and the reliability after the round."""
+
+    round: int
+    kind: Literal["locate", "train_core"]
+    core_size: int
+    opposite_sign_fraction: float | None
+    adapter_size: int
+    reliability: float
+    seconds: float
+    loss_old: float | None = None
+    loss_new: float | None = None
+
+
+@dataclass
+class EditReport:
+    initial_reliability: float
+    rounds: list[RoundReport] = field(default_factory=list)
+    old_answers: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def reliability(self) -> float:
+        return self.rounds[-1].reliability if self.rounds else self.initial_reliability
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "reliability": self.reliability}
+
+
+def generate_old_answers(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 16
+) -> list[str]:
+    """The model's own greedy answers: the old knowledge DFT locates (§4.1), so users supply only the new facts.
+
+    The model continues each prompt as it is read in training and evaluation (`prompt + " " + answer`); a chat
+    model that only ends its turn there is asked again through its chat template. The answer is cut at the first
+    line break or sentence end.
+    """
+    with _mode(model, training=False), torch.no_grad():
+        answers = []
+        for prompt in prompts:
+            answer = _greedy(model, tokenizer, tokenizer(prompt, return_tensors="pt"), max_new_tokens)
+            if not answer and getattr(tokenizer, "chat_template", None):
+                chat = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
+                    return_dict=True,
+                )
+                answer = _greedy(model, tokenizer, chat, max_new_tokens)
+            answers.append(answer)
+    return answers
+
+
+def _greedy(model: nn.Module, tokenizer: PreTrainedTokenizerBase, inputs: Mapping[str, torch.Tensor],
+            max_new_tokens: int) -> str:
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return re.split(r"\n|(?<=\w)[.;!?](?:\s|$)", text.strip(), maxsplit=1)[0].strip()
+
+
+@contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def opposite_sign_fraction(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> float:
+    """Fraction of the targeted parameters that are selection candidates (Δnew and Δold of opposite signs)."""
+    candidates = total = 0
+    for name in new:
+        old_chunks = iter_chunks(old[name])
+        for _, chunk in iter_chunks(new[name]):
+            keys, _ = chunk_keys(chunk, next(old_chunks)[1])
+            candidates += int((keys > 0).sum())
+            total += chunk.numel()
+    return candidates / max(total, 1)
+
+
+def _as_requests(requests: Sequence[EditRequest | Mapping[str, Any]]) -> list[EditRequest]:
+    requests = list(requests)
+    if not requests:
+        raise ValueError("edit needs at least one request")
+    dicts = [r for r in requests if not isinstance(r, EditRequest)]
+    converted = iter(requests_from_dicts(dicts)) if dicts else iter(())
+    return [r if isinstance(r, EditRequest) else next(converted) for r in requests]
+
+
+def _prepare_model(
+    model: nn.Module, config: DFTConfig | None, adapter_name: str
+) -> tuple[PeftModel, bool]:
+    """The PeftModel to edit, and whether this call created it (then a failure unwraps it again)."""
+    if isinstance(model, PeftModel):
+        if not isinstance(model.base_model, DFTModel):
+            raise ValueError(f"edit needs a DFT PeftModel, got one of type {model.peft_type}")
+        if adapter_name not in model.peft_config:
+            model.add_adapter(adapter_name, config or DFTConfig())
+        return model, False
+    if adapter_name != "default":
+        raise ValueError("a new DFT model's adapter is named 'default'; pass a PeftModel to edit another adapter")
+    try:
+        return get_peft_model(model, config or DFTConfig()), True
+    except ValueError as err:
+        raise ValueError(f"the model has none of the modules DFTConfig.target_modules names: {err}") from err
+
+
+def edit(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest | Mapping[str, Any]],
+    config: DFTConfig | None = None,
+    args: EditArguments | None = None,
+    adapter_name: str = "default",
+    progress: bool = True,
+) -> tuple[PeftModel, EditReport]:
+    """Edit `model` so that it answers `requests` with their new targets, changing only a sparse core.
+
+    Each round starts from the current weights θ (base + edit so far): it fine-tunes on the old answers (Δold) and on
+    the new ones (Δnew), keeps where they disagree in sign the `config.top_t` fraction with the largest
+    |Δnew − Δold| (`select_core`), and adds λ·Δnew there to the adapter (§4). Rounds repeat until the reliability on
+    the requests reaches `args.target_reliability` or `args.max_rounds`. Old answers missing from the requests are
+    generated by the model itself.
+
+    Args:
+        model: A transformers causal LM (wrapped with `get_peft_model(model, config)`), or a DFT `PeftModel` whose
+            adapter `adapter_name` is extended.
+        tokenizer: Its tokenizer.
+        requests: `EditRequest`s, or dicts in the request schema (prompt, target_new, optional target_old, ...).
+        config: The DFT config (default `DFTConfig()`); ignored for an existing adapter.
+        args: Fine-tuning and stopping arguments (default `EditArguments()`).
+
+    Returns:
+        The edited `PeftModel` (adapter unmerged) and an `EditReport`. On any error the model is left as it was.
+    """
+    start = time.perf_counter()
+    requests = _as_requests(requests)
+    args = args or EditArguments()
+    peft_model, created = _prepare_model(model, config, adapter_name)
+    tuner: DFTModel = peft_model.base_model
+    before = tuner.get_core(adapter_name)
+    try:
+        report = _run(peft_model, tokenizer, requests, args, adapter_name, progress)
+    except BaseException:
+        if created:
+            tuner._rollback(adapter_name)
+        else:
+            layers = tuner.dft_layers()
+            for name, delta in before.items():
+                layers[name].set_sparse_delta(adapter_name, delta)
+        raise
+    report.seconds = time.perf_counter() - start
+    return peft_model, report
+
+
+def _run(
+    peft_model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    args: EditArguments,
+    adapter_name: str,
+    progress: bool,
+) -> EditReport:
+    tuner: DFTModel = peft_model.base_model
+    config: DFTConfig = peft_model.peft_config[adapter_name]
+    layers = tuner._layers_with(adapter_name)
+    previous_adapters = list(tuner.active_adapters)
+    peft_model.base_model.set_adapter(adapter_name)
+    prompts = [r.prompt for r in requests]
+    new_answers = [r.target_new for r in requests]
+
+    def reliability() -> float:
+        acc = target_token_accuracy(peft_model, tokenizer, prompts, new_answers, args.eval_batch_size).accuracies
+        return sum(acc) / len(acc)
+
+    report = EditReport(initial_reliability=reliability())
+    missing = [i for i, r in enumerate(requests) if r.target_old is None]
+    generated = generate_old_answers(peft_model, tokenizer, [prompts[i] for i in missing],
+                                     args.generate_max_new_tokens) if missing else []
+    old_answers = [r.target_old for r in requests]
+    for i, answer in zip(missing, generated):
+        if not answer:
+            raise ValueError(f"the model generated no answer to {prompts[i]!r}; give its target_old explicitly")
+        old_answers[i] = answer
+    report.old_answers = old_answers
+
+    gen = torch.Generator().manual_seed(args.seed)
+    steps_per_epoch = -(-len(requests) // args.batch_size)
+    old_epochs = args.old_epochs or args.epochs
+    bar = tqdm(total=args.max_rounds * steps_per_epoch * (args.epochs + old_epochs), desc="DFT edit",
+               disable=not progress, unit="step")
+    old_deltas = None
+    reached = report.initial_reliability >= args.target_reliability
+    for round_index in range(1, args.max_rounds + 1):
+        if reached:
+            break
+        tick = time.perf_counter()
+        torch.manual_seed(args.seed + round_index)
+        if args.strategy == "locate_once" and round_index > 1:
+            bar.set_description(f"DFT round {round_index}: core values")
+            values = [layer.dft_values[adapter_name] for layer in layers.values()]
+            with _mode(peft_model, training=True):
+                loss_new = train_model(peft_model, values, EpochBatches(tokenizer, prompts, new_answers,
+                                       args.batch_size, gen), args.core_epochs, args.core_learning_rate,
+                                       args.optimizer, bar)
+            rel = reliability()
+            report.rounds.append(RoundReport(round_index, "train_core", 0, None,
+                                             _adapter_size(tuner, adapter_name), rel,
+                                             time.perf_counter() - tick, None, loss_new))
+        else:
+            peft_model.merge_adapter([adapter_name])
+            try:
+                with _mode(peft_model, training=True):
+                    loss_old = None
+                    if old_deltas is None or not args.reuse_old_delta:
+                        bar.set_description(f"DFT round {round_index}: Δold")
+                        old_deltas, loss_old = _fine_tune(peft_model, layers, tokenizer, prompts, old_answers,
+                                                          old_epochs, args, gen, bar)
+                    bar.set_description(f"DFT round {round_index}: Δnew")
+                    new_deltas, loss_new = _fine_tune(peft_model, layers, tokenizer, prompts, new_answers,
+                                                      args.epochs, args, gen, bar)
+            finally:
+                peft_model.unmerge_adapter()
+            core = select_core(new_deltas, old_deltas, config.top_t, config.selection)
+            core_size = sum(d.nnz for d in core.values())
+            fraction = opposite_sign_fraction(new_deltas, old_deltas)
+            if core_size == 0:
+                raise ValueError(
+                    f"round {round_index}: Δnew and Δold have no element of opposite signs, so there is no core "
+                    "to update; the model is left as it was (try more epochs or another learning rate)"
+                )
+            tuner.add_core(core, adapter_name=adapter_name, lam=config.lam)
+            del new_deltas, core
+            if not args.reuse_old_delta:
+                old_deltas = None
+            rel = reliability()
+            report.rounds.append(RoundReport(round_index, "locate", core_size, fraction,
+                                             _adapter_size(tuner, adapter_name), rel, time.perf_counter() - tick,
+                                             loss_old, loss_new))
+        bar.set_postfix(reliability=f"{rel:.3f}", refresh=True)
+        reached = rel >= args.target_reliability
+    bar.close()
+    peft_model.base_model.set_adapter(previous_adapters)
+    return report
+
+
+def _fine_tune(
+    peft_model: PeftModel,
+    layers: Mapping[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    answers: list[str],
+    epochs: int,
+    args: EditArguments,
+    gen: torch.Generator,
+    bar: tqdm,
+) -> tuple[Mapping[str, torch.Tensor], float]:
+    if args.delta_source == "full":
+        parametrization = DenseDeltas(layers, PEFT_PREFIX)
+    else:
+        parametrization = LoRADeltas(layers, PEFT_PREFIX, args.lora_r, args.lora_alpha, gen)
+    batches = EpochBatches(tokenizer, prompts, answers, args.batch_size, gen)
+    return fine_tune_deltas(peft_model, parametrization, batches, epochs, args.learning_rate, args.optimizer, bar)
+
+
+def _adapter_size(tuner: DFTModel, adapter_name: str) -> int:
+    return sum(d.nnz for d in tuner.get_core(adapter_name).values())

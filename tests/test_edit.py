@@ -1,0 +1,212 @@
+"""The edit loop on tiny random models: one round against a hand-computed reference, stopping, old answers, both
+delta sources, build_edit from checkpoints, and bad input that must leave the model as it was."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from dft_peft.kernels import select_core_naive
+from peft import get_peft_model
+from tiny_models import TOY_FACTS, tiny_llama, tiny_tokenizer
+
+import dft_peft
+from dft_peft.edit import EditArguments, edit
+from dft_peft.finetune import EpochBatches
+from dft_peft.layer import DFTLayer
+from dft_peft.metrics import target_token_accuracy
+
+TARGETS = ["q_proj", "up_proj", "down_proj"]
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def manual_fine_tune(model, tokenizer, prompts, answers, args, gen):
+    """Plain training of a copy of the targeted weights: what any trainer would do."""
+    tuned = copy.deepcopy(model)
+    params = [p for n, p in tuned.named_parameters() if any(t in n for t in TARGETS)]
+    for p in tuned.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=args.learning_rate)
+    tuned.train()
+    batches = EpochBatches(tokenizer, prompts, answers, args.batch_size, gen)
+    for _ in range(args.epochs):
+        for batch in batches():
+            tuned(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    return tuned.eval()
+
+
+def weight_deltas(tuned, base):
+    modules = dict(base.named_modules())
+    return {n: (m.weight.detach() - modules[n].weight.detach()) for n, m in tuned.named_modules()
+            if any(n.endswith(t) for t in TARGETS)}
+
+
+def test_one_round_equals_hand_computed_reference():
+    tokenizer, base = tiny_tokenizer(), tiny_llama()
+    args = EditArguments(max_rounds=1, epochs=3, learning_rate=0.5, optimizer="sgd", batch_size=2, seed=7)
+    config = dft_peft.DFTConfig(top_t=0.1, lam=1.5, target_modules=TARGETS)
+    edited, report = edit(copy.deepcopy(base), tokenizer, TOY_FACTS, config, args, progress=False)
+
+    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed + 1)
+    prompts = [f["prompt"] for f in TOY_FACTS]
+    old = manual_fine_tune(base, tokenizer, prompts, [f["target_old"] for f in TOY_FACTS], args, gen)
+    new = manual_fine_tune(base, tokenizer, prompts, [f["target_new"] for f in TOY_FACTS], args, gen)
+    core = select_core_naive(weight_deltas(new, base), weight_deltas(old, base), config.top_t)
+    reference = copy.deepcopy(base)
+    modules = dict(reference.named_modules())
+    for name, delta in core.items():
+        flat = modules[name].weight.data.view(-1)
+        flat[delta.indices.long()] += config.lam * delta.values
+
+    assert len(report.rounds) == 1 and report.rounds[0].core_size == sum(d.nnz for d in core.values())
+    ids = torch.tensor([[2, 5, 7, 9, 3]])
+    torch.testing.assert_close(logits(edited, ids), logits(reference, ids), rtol=0, atol=1e-4)
+    ours = edited.base_model.get_core()
+    overlap = sum(int(torch.isin(ours[n].indices.long(), d.indices.long()).sum()) for n, d in core.items())
+    assert overlap >= 0.99 * sum(d.nnz for d in core.values())
+
+
+def test_rounds_stop_at_the_target_reliability():
+    tokenizer = tiny_tokenizer()
+    args = EditArguments(max_rounds=10, epochs=4, learning_rate=1e-2, target_reliability=1.0)
+    edited, report = edit(tiny_llama(), tokenizer, TOY_FACTS, dft_peft.DFTConfig(top_t=0.2), args, progress=False)
+    assert report.initial_reliability < 1.0
+    assert report.rounds[-1].reliability >= 1.0 and len(report.rounds) < args.max_rounds
+    assert all(r.reliability < 1.0 for r in report.rounds[:-1])
+    assert [r.adapter_size for r in report.rounds] == sorted(r.adapter_size for r in report.rounds)
+    prompts, targets = [f["prompt"] for f in TOY_FACTS], [f["target_new"] for f in TOY_FACTS]
+    assert target_token_accuracy(edited, tokenizer, prompts, targets).accuracies == [1.0] * len(TOY_FACTS)
+
+
+def test_deterministic_under_a_seed():
+    tokenizer = tiny_tokenizer()
+    args = EditArguments(max_rounds=1, epochs=2, learning_rate=1e-2)
+    cores = [edit(tiny_llama(), tokenizer, TOY_FACTS, dft_peft.DFTConfig(), args, progress=False)[0]
+             .base_model.get_core() for _ in range(2)]
+    for name, delta in cores[0].items():
+        assert torch.equal(delta.indices, cores[1][name].indices)
+        assert torch.equal(delta.values, cores[1][name].values)
+
+
+def test_old_answers_are_generated_when_missing():
+    tokenizer = tiny_tokenizer()
+    facts = [{k: v for k, v in f.items() if k != "target_old"} for f in TOY_FACTS]
+    args = EditArguments(max_rounds=1, epochs=2, learning_rate=1e-2, generate_max_new_tokens=3)
+    _, report = edit(tiny_llama(), tokenizer, facts, dft_peft.DFTConfig(), args, progress=False)
+    assert len(report.old_answers) == len(facts) and all(report.old_answers)
+    vocabulary = set(tokenizer.get_vocab())
+    assert all(set(a.split()) <= vocabulary for a in report.old_answers)
+
+
+@pytest.mark.parametrize("source", ["full", "lora"])
+def test_delta_sources_and_strategies(source):
+    tokenizer = tiny_tokenizer()
+    for strategy in ("paper", "locate_once"):
+        args = EditArguments(delta_source=source, strategy=strategy, max_rounds=2, epochs=3, learning_rate=2e-2,
+                             target_reliability=1.0)
+        edited, report = edit(tiny_llama(), tokenizer, TOY_FACTS, dft_peft.DFTConfig(top_t=0.1), args,
+                              progress=False)
+        first = report.rounds[0]
+        assert first.kind == "locate" and 0 < first.core_size <= 0.1 * sum(
+            m.base_numel for m in edited.base_model.dft_layers().values()) + 1
+        assert 0.0 < first.opposite_sign_fraction < 1.0
+        if strategy == "locate_once" and len(report.rounds) > 1:
+            assert report.rounds[1].kind == "train_core"
+            assert report.rounds[1].adapter_size == first.adapter_size  # the support stays the located core
+
+
+def test_build_edit_from_checkpoints_equals_in_process(tmp_path):
+    tokenizer, base = tiny_tokenizer(), tiny_llama()
+    args = EditArguments(epochs=2, learning_rate=0.5, optimizer="sgd", batch_size=2)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [f["prompt"] for f in TOY_FACTS]
+    old = manual_fine_tune(base, tokenizer, prompts, [f["target_old"] for f in TOY_FACTS], args, gen)
+    new = manual_fine_tune(base, tokenizer, prompts, [f["target_new"] for f in TOY_FACTS], args, gen)
+    old.save_pretrained(tmp_path / "old")
+    new.save_pretrained(tmp_path / "new", max_shard_size="20KB")  # sharded, with an index
+    assert (tmp_path / "new" / "model.safetensors.index.json").exists()
+    config = dft_peft.DFTConfig(top_t=0.05, lam=2.0, target_modules=TARGETS)
+
+    built = dft_peft.build_edit(copy.deepcopy(base), str(tmp_path / "old"), str(tmp_path / "new"), config)
+    in_process = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    in_process.add_core(dft_peft.select_core(weight_deltas(new, base), weight_deltas(old, base), config.top_t))
+    expected = in_process.base_model.get_core()
+    for name, delta in built.base_model.get_core().items():
+        assert torch.equal(delta.indices, expected[name].indices)
+        assert torch.equal(delta.values, expected[name].values)
+    assert sum(d.nnz for d in expected.values()) > 0
+
+
+def test_build_edit_from_lora_adapters(tmp_path):
+    from peft import LoraConfig
+
+    base = tiny_llama()
+    deltas = {}
+    for tag in ("old", "new"):
+        lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                                init_lora_weights=False))
+        lora.save_pretrained(tmp_path / tag)
+        deltas[tag] = {n.removeprefix("base_model.model."): m.get_delta_weight("default")
+                       for n, m in lora.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    config = dft_peft.DFTConfig(top_t=0.05, target_modules=TARGETS)
+    built = dft_peft.build_edit(copy.deepcopy(base), str(tmp_path / "old"), str(tmp_path / "new"), config)
+    expected = dft_peft.select_core(deltas["new"], deltas["old"], config.top_t)
+    for name, delta in built.base_model.get_core().items():
+        assert torch.equal(delta.indices, expected[name].indices)
+        torch.testing.assert_close(delta.values, expected[name].values)
+
+
+# --- bad input: a clear error and the model as it was --------------------------------------------------------------
+
+
+def assert_unchanged(model, before):
+    assert not any(isinstance(m, DFTLayer) for m in model.modules())
+    state = model.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    ("requests", "config", "args", "message"),
+    [
+        ([], None, None, "at least one request"),
+        ([{"prompt": "the sky is"}], None, None, "target_new"),
+        ([{"prompt": "the sky is", "target_new": "~~"}], None, None, "tokenizes to no"),
+        (TOY_FACTS, dft_peft.DFTConfig(target_modules=["no_such_module"]), None, "target_modules"),
+        (TOY_FACTS, None, EditArguments(max_rounds=1, epochs=2, learning_rate=1e30), "NaN"),
+        ([{**f, "target_old": f["target_new"]} for f in TOY_FACTS], None,
+         EditArguments(max_rounds=1, epochs=1, optimizer="sgd", learning_rate=1e-2), "opposite signs"),
+    ],
+    ids=["empty", "no-target", "empty-tokens", "no-modules", "nan", "no-opposite-signs"],
+)
+def test_bad_input_changes_nothing(requests, config, args, message):
+    from tokenizers import normalizers
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.backend_tokenizer.normalizer = normalizers.Replace("~", "")
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        edit(model, tokenizer, requests, config, args, progress=False)
+    assert_unchanged(model, before)
+
+
+def test_failure_keeps_an_existing_edit():
+    tokenizer = tiny_tokenizer()
+    args = EditArguments(max_rounds=1, epochs=2, learning_rate=1e-2)
+    edited, _ = edit(tiny_llama(), tokenizer, TOY_FACTS, dft_peft.DFTConfig(), args, progress=False)
+    before = edited.base_model.get_core()
+    with pytest.raises(ValueError, match="NaN"):
+        edit(edited, tokenizer, TOY_FACTS, None, EditArguments(max_rounds=1, learning_rate=1e30), progress=False)
+    after = edited.base_model.get_core()
+    assert all(torch.equal(after[n].indices, d.indices) and torch.equal(after[n].values, d.values)
+               for n, d in before.items())
