@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from .config import DFTConfig
 from .core import select_core
 from .data import EditRequest, requests_from_dicts
-from .finetune import DenseDeltas, EpochBatches, LoRADeltas, fine_tune_deltas, train_model
+from .finetune import DenseDeltas, EpochBatches, LoRADeltas, ModelLoss, train
 from .kernels.select_core_torch import chunk_keys, iter_chunks
 from .metrics import target_token_accuracy
 from .model import DFTModel
@@ -111,6 +112,7 @@ class EditReport:
     rounds: list[RoundReport] = field(default_factory=list)
     old_answers: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    callback_seconds: float = 0.0
 
     @property
     def reliability(self) -> float:
@@ -211,6 +213,8 @@ def edit(
     args: EditArguments | None = None,
     adapter_name: str = "default",
     progress: bool = True,
+    on_round: Callable[[PeftModel, RoundReport], None] | None = None,
+    accelerator: Any = None,
 ) -> tuple[PeftModel, EditReport]:
     """Edit `model` so that it answers `requests` with their new targets, changing only a sparse core.
 
@@ -227,6 +231,12 @@ def edit(
         requests: `EditRequest`s, or dicts in the request schema (prompt, target_new, optional target_old, ...).
         config: The DFT config (default `DFTConfig()`); ignored for an existing adapter.
         args: Fine-tuning and stopping arguments (default `EditArguments()`).
+        progress: Show a tqdm bar over rounds and steps with the loss and the reliability reached.
+        on_round: Called after each round with the model and the round's report (e.g. to trace metrics); its
+            time is not counted in the report's seconds.
+        accelerator: An `accelerate.Accelerator` to run the fine-tunes on (DDP, FSDP, DeepSpeed ...). Default: a
+            new one when the process was started by `accelerate launch`/`torchrun` with several processes, else
+            none. Every rank ends with the same edit; save it on the main process only.
 
     Returns:
         The edited `PeftModel` (adapter unmerged) and an `EditReport`. On any error the model is left as it was.
@@ -238,7 +248,8 @@ def edit(
     tuner: DFTModel = peft_model.base_model
     before = tuner.get_core(adapter_name)
     try:
-        report = _run(peft_model, tokenizer, requests, args, adapter_name, progress)
+        report = _run(peft_model, tokenizer, requests, args, adapter_name, progress, on_round,
+                      accelerator if accelerator is not None else _launched_accelerator())
     except BaseException:
         if created:
             tuner._rollback(adapter_name)
@@ -247,7 +258,7 @@ def edit(
             for name, delta in before.items():
                 layers[name].set_sparse_delta(adapter_name, delta)
         raise
-    report.seconds = time.perf_counter() - start
+    report.seconds = time.perf_counter() - start - report.callback_seconds
     return peft_model, report
 
 
@@ -258,6 +269,8 @@ def _run(
     args: EditArguments,
     adapter_name: str,
     progress: bool,
+    on_round: Callable[[PeftModel, RoundReport], None] | None,
+    accelerator: Any,
 ) -> EditReport:
     tuner: DFTModel = peft_model.base_model
     config: DFTConfig = peft_model.peft_config[adapter_name]
@@ -285,8 +298,9 @@ def _run(
     gen = torch.Generator().manual_seed(args.seed)
     steps_per_epoch = -(-len(requests) // args.batch_size)
     old_epochs = args.old_epochs or args.epochs
+    is_main = accelerator is None or accelerator.is_main_process
     bar = tqdm(total=args.max_rounds * steps_per_epoch * (args.epochs + old_epochs), desc="DFT edit",
-               disable=not progress, unit="step")
+               disable=not (progress and is_main), unit="step")
     old_deltas = None
     reached = report.initial_reliability >= args.target_reliability
     for round_index in range(1, args.max_rounds + 1):
@@ -296,11 +310,10 @@ def _run(
         torch.manual_seed(args.seed + round_index)
         if args.strategy == "locate_once" and round_index > 1:
             bar.set_description(f"DFT round {round_index}: core values")
-            values = [layer.dft_values[adapter_name] for layer in layers.values()]
             with _mode(peft_model, training=True):
-                loss_new = train_model(peft_model, values, EpochBatches(tokenizer, prompts, new_answers,
-                                       args.batch_size, gen), args.core_epochs, args.core_learning_rate,
-                                       args.optimizer, bar)
+                loss_new = train(ModelLoss(peft_model), EpochBatches(tokenizer, prompts, new_answers,
+                                 args.batch_size, gen), args.core_epochs, args.core_learning_rate, args.optimizer,
+                                 bar, accelerator=accelerator)
             rel = reliability()
             report.rounds.append(RoundReport(round_index, "train_core", 0, None,
                                              _adapter_size(tuner, adapter_name), rel,
@@ -313,10 +326,10 @@ def _run(
                     if old_deltas is None or not args.reuse_old_delta:
                         bar.set_description(f"DFT round {round_index}: Δold")
                         old_deltas, loss_old = _fine_tune(peft_model, layers, tokenizer, prompts, old_answers,
-                                                          old_epochs, args, gen, bar)
+                                                          old_epochs, args, gen, bar, accelerator)
                     bar.set_description(f"DFT round {round_index}: Δnew")
                     new_deltas, loss_new = _fine_tune(peft_model, layers, tokenizer, prompts, new_answers,
-                                                      args.epochs, args, gen, bar)
+                                                      args.epochs, args, gen, bar, accelerator)
             finally:
                 peft_model.unmerge_adapter()
             core = select_core(new_deltas, old_deltas, config.top_t, config.selection)
@@ -337,6 +350,10 @@ def _run(
                                              loss_old, loss_new))
         bar.set_postfix(reliability=f"{rel:.3f}", refresh=True)
         reached = rel >= args.target_reliability
+        if on_round is not None:
+            tick = time.perf_counter()
+            on_round(peft_model, report.rounds[-1])
+            report.callback_seconds += time.perf_counter() - tick
     bar.close()
     peft_model.base_model.set_adapter(previous_adapters)
     return report
@@ -352,13 +369,24 @@ def _fine_tune(
     args: EditArguments,
     gen: torch.Generator,
     bar: tqdm,
+    accelerator: Any,
 ) -> tuple[Mapping[str, torch.Tensor], float]:
     if args.delta_source == "full":
-        parametrization = DenseDeltas(layers, PEFT_PREFIX)
+        fine_tune = DenseDeltas(peft_model, layers, PEFT_PREFIX)
     else:
-        parametrization = LoRADeltas(layers, PEFT_PREFIX, args.lora_r, args.lora_alpha, gen)
+        fine_tune = LoRADeltas(peft_model, layers, args.lora_r, args.lora_alpha, gen)
     batches = EpochBatches(tokenizer, prompts, answers, args.batch_size, gen)
-    return fine_tune_deltas(peft_model, parametrization, batches, epochs, args.learning_rate, args.optimizer, bar)
+    loss = train(fine_tune, batches, epochs, args.learning_rate, args.optimizer, bar, accelerator=accelerator)
+    return fine_tune.deltas(), loss
+
+
+def _launched_accelerator() -> Any:
+    """An Accelerator when this process is one of several launched together (`accelerate launch`, `torchrun`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator()
 
 
 def _adapter_size(tuner: DFTModel, adapter_name: str) -> int:

@@ -1,16 +1,19 @@
 """The fine-tunes DFT is built from: Δold and Δnew from the current weights, and training a core's values.
 
-A fine-tune never copies the weights it starts from. It trains a delta D on top of them — a dense D for full
-fine-tuning (DFT_FT), LoRA factors for DFT_LoRA — through `torch.func.functional_call` with W + D in place of W, so
-the delta is D itself: the weights stay untouched and Δold costs the one extra copy of the targeted weights that DFT
-needs, while Δnew is the fine-tune's own trainable tensor.
+A fine-tune leaves the model's weights untouched: full fine-tuning (DFT_FT) trains a copy W′ that stands in for W
+through `torch.func.functional_call`, LoRA (DFT_LoRA) adds its factors' output through forward hooks. Δ is read off
+at the end (W′ − W, in place; scale·B·A, per module on access), so the weights the round started from never need a
+copy: Δold is the one extra copy of the targeted weights DFT holds, Δnew is the fine-tune's own trainable tensor.
+
+Each fine-tune is an `nn.Module` whose forward returns the loss and whose only parameters are the trainable ones, so
+`accelerate` can wrap it (DDP and friends) and every rank trains on its share of the batches.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,8 +25,6 @@ from .layer import DFTLayer
 from .metrics import encode_pairs
 
 IGNORE_INDEX = -100
-
-
 Batch = dict[str, torch.Tensor]
 
 
@@ -58,82 +59,108 @@ class EpochBatches:
         return batches
 
 
-class DeltaParametrization(Protocol):
-    """Trainable deltas for a set of modules: what the fine-tune optimises and what it yields."""
+class _FineTune(nn.Module):
+    """A fine-tune of `model` as a module: forward(batch) → loss; parameters: only the trainable deltas.
 
-    def parameters(self) -> list[torch.Tensor]: ...
+    The model is held outside the module tree so that wrapping the fine-tune (DDP, FSDP) touches only the deltas.
+    """
+
+    def __init__(self, model: nn.Module, layers: Mapping[str, DFTLayer]) -> None:
+        super().__init__()
+        self.__dict__["model"] = model
+        self.names = list(layers)
+        self.layers = dict(layers)
 
     def overrides(self) -> dict[str, torch.Tensor]:
-        """Parameter name → W + D, for `functional_call`."""
-        ...
+        return {}
 
-    def deltas(self) -> Mapping[str, torch.Tensor]:
-        """Module name → the delta (may be computed on access)."""
-        ...
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, self.overrides(), args=(), kwargs=batch, strict=False).loss
 
 
-class DenseDeltas:
-    """Full fine-tuning: one dense float32 D per module (DFT_FT)."""
+class DenseDeltas(_FineTune):
+    """Full fine-tuning (DFT_FT): a float32 trainable copy W′ of each targeted weight stands in for it.
 
-    def __init__(self, layers: Mapping[str, DFTLayer], param_prefix: str) -> None:
-        self.weights = {name: layer.get_base_layer().weight for name, layer in layers.items()}
-        self.prefix = param_prefix
-        self.d = {
-            name: torch.zeros(w.shape, dtype=torch.float32, device=w.device, requires_grad=True)
-            for name, w in self.weights.items()
-        }
+    W′ is the fine-tune's own trainable tensor (what any trainer holds), so the forward allocates nothing extra and
+    Δ = W′ − W is computed in place at the end — the same arithmetic as diffing checkpoints (`build_edit`).
+    """
 
-    def parameters(self) -> list[torch.Tensor]:
-        return list(self.d.values())
+    def __init__(self, model: nn.Module, layers: Mapping[str, DFTLayer], param_prefix: str) -> None:
+        super().__init__(model, layers)
+        self.weights = {name: layer.get_base_layer().weight for name, layer in self.layers.items()}
+        self.param_names = [f"{param_prefix}{name}.base_layer.weight" for name in self.names]
+        self.trained = nn.ParameterList(
+            [nn.Parameter(self.weights[name].detach().to(torch.float32, copy=True)) for name in self.names]
+        )
 
     def overrides(self) -> dict[str, torch.Tensor]:
         return {
-            f"{self.prefix}{name}.base_layer.weight": (w.float() + self.d[name]).to(w.dtype)
-            for name, w in self.weights.items()
+            key: t if t.dtype == self.weights[name].dtype else t.to(self.weights[name].dtype)
+            for key, name, t in zip(self.param_names, self.names, self.trained)
         }
 
     def deltas(self) -> dict[str, torch.Tensor]:
-        return {name: d.detach() for name, d in self.d.items()}
+        with torch.no_grad():
+            out = {}
+            for name, t in zip(self.names, self.trained):
+                out[name] = t.data.sub_(self.weights[name].float())
+        return out
 
 
-class LoRADeltas:
-    """LoRA fine-tuning: Δ = scale · B·A per module (DFT_LoRA), computed one module at a time when read."""
+class LoRADeltas(_FineTune):
+    """LoRA fine-tuning (DFT_LoRA): Δ = scale · B·A per module, added to each layer's output by a forward hook
+    while the fine-tune runs, and computed one module at a time when read."""
 
-    def __init__(
-        self, layers: Mapping[str, DFTLayer], param_prefix: str, r: int, alpha: float, generator: torch.Generator
-    ) -> None:
-        self.weights = {name: layer.get_base_layer().weight for name, layer in layers.items()}
-        self.transposed = {name: bool(getattr(layer, "fan_in_fan_out", False)) for name, layer in layers.items()}
-        self.prefix = param_prefix
+    def __init__(self, model: nn.Module, layers: Mapping[str, DFTLayer], r: int, alpha: float,
+                 generator: torch.Generator) -> None:
+        super().__init__(model, layers)
         self.scale = alpha / r
-        self.a, self.b = {}, {}
-        for name, w in self.weights.items():
-            out_features, in_features = w.shape[::-1] if self.transposed[name] else w.shape
+        self.a, self.b = nn.ParameterList(), nn.ParameterList()
+        for name in self.names:
+            w = self.layers[name].get_base_layer().weight
+            out_features, in_features = w.shape[::-1] if self._transposed(name) else w.shape
             a = torch.empty(r, in_features, dtype=torch.float32)
             bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform(a=sqrt(5)), as PEFT initialises lora_A
             a.uniform_(-bound, bound, generator=generator)
-            self.a[name] = a.to(w.device).requires_grad_()
-            self.b[name] = torch.zeros(out_features, r, dtype=torch.float32, device=w.device, requires_grad=True)
+            self.a.append(nn.Parameter(a.to(w.device)))
+            self.b.append(nn.Parameter(torch.zeros(out_features, r, dtype=torch.float32, device=w.device)))
 
-    def parameters(self) -> list[torch.Tensor]:
-        return [*self.a.values(), *self.b.values()]
+    def _transposed(self, name: str) -> bool:
+        return bool(getattr(self.layers[name], "fan_in_fan_out", False))
 
-    def delta(self, name: str) -> torch.Tensor:
-        delta = self.scale * (self.b[name] @ self.a[name])
-        return delta.T if self.transposed[name] else delta
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        handles = []
+        for name, a, b in zip(self.names, self.a, self.b):
 
-    def overrides(self) -> dict[str, torch.Tensor]:
-        return {
-            f"{self.prefix}{name}.base_layer.weight": (w.float() + self.delta(name)).to(w.dtype)
-            for name, w in self.weights.items()
-        }
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor, a=a, b=b) -> torch.Tensor:
+                return output + (self.scale * (args[0].to(a.dtype) @ a.T) @ b.T).to(output.dtype)
+
+            handles.append(self.layers[name].register_forward_hook(hook))
+        try:
+            return self.model(**batch).loss
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def deltas(self) -> LazyDeltas:
-        return LazyDeltas({n: tuple(w.shape) for n, w in self.weights.items()}, self._detached_delta)
+        return LazyDeltas({n: self.layers[n].base_shape for n in self.names}, self._delta)
 
-    def _detached_delta(self, name: str) -> torch.Tensor:
+    def _delta(self, name: str) -> torch.Tensor:
+        i = self.names.index(name)
         with torch.no_grad():
-            return self.delta(name).contiguous()
+            delta = self.scale * (self.b[i] @ self.a[i])
+            return (delta.T if self._transposed(name) else delta).contiguous()
+
+
+class ModelLoss(nn.Module):
+    """Train parameters of the model itself (e.g. a DFT adapter's core values): forward(batch) → the model's loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        return self.model(**batch).loss
 
 
 class LazyDeltas(Mapping[str, torch.Tensor]):
@@ -158,72 +185,69 @@ class LazyDeltas(Mapping[str, torch.Tensor]):
         return self.shapes[name]
 
 
+def _rank_share(batches: list[Batch], accelerator: Any) -> list[Batch]:
+    """This rank's batches: every rank draws the same shuffled list and takes every world_size-th one, wrapping
+    around so that all ranks step equally often (a DDP requirement)."""
+    world = accelerator.num_processes if accelerator is not None else 1
+    if world == 1:
+        return batches
+    steps = -(-len(batches) // world)
+    return [batches[(accelerator.process_index + i * world) % len(batches)] for i in range(steps)]
+
+
 def train(
-    loss_fn: Callable[[Batch], torch.Tensor],
-    parameters: list[torch.Tensor],
+    module: nn.Module,
     batches: Callable[[], list[Batch]],
     epochs: int,
     lr: float,
     optimizer: str,
     progress: tqdm | None = None,
+    step_hook: Callable[[], None] | None = None,
+    accelerator: Any = None,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> float:
-    """A plain training loop over `epochs` calls of `batches`; returns the mean loss of the last epoch."""
+    """Train `module`'s trainable parameters on `epochs` calls of `batches`; forward(batch) must return the loss.
+
+    With an `accelerate.Accelerator`, the module and optimiser go through `accelerator.prepare` (DDP, FSDP, ...)
+    and each rank trains on its share of every epoch's batches. `step_hook` runs after every optimiser step (e.g.
+    a projection that keeps weights within a constraint), `on_epoch(epoch)` after every epoch (e.g. to trace
+    metrics). Returns the mean loss of the last epoch on this rank.
+    """
+    parameters = [p for p in module.parameters() if p.requires_grad]
     if optimizer == "adamw":
         opt = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     elif optimizer == "sgd":
         opt = torch.optim.SGD(parameters, lr=lr)
     else:
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    if accelerator is not None:
+        module, opt = accelerator.prepare(module, opt)
+    device = next(iter(parameters)).device
     last = math.nan
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         losses = []
-        for batch in batches():
-            loss = loss_fn(batch)
-            if not torch.isfinite(loss):
+        for batch in _rank_share(batches(), accelerator):
+            loss = module(**{k: v.to(device) for k, v in batch.items()})
+            finite = torch.isfinite(loss.detach()).float()
+            if accelerator is not None and accelerator.num_processes > 1:  # every rank must stop together
+                finite = accelerator.reduce(finite.to(accelerator.device), reduction="mean")
+            if finite.item() < 1:
                 raise ValueError("the fine-tuning loss is NaN or inf: lower the learning rate")
-            loss.backward()
+            if accelerator is not None:
+                accelerator.backward(loss)
+            else:
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if step_hook is not None:
+                step_hook()
             losses.append(float(loss.detach()))
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         last = sum(losses) / len(losses)
+        if on_epoch is not None:
+            on_epoch(epoch)
+    if accelerator is not None:
+        accelerator.free_memory()
     return last
-
-
-def fine_tune_deltas(
-    model: nn.Module,
-    parametrization: DeltaParametrization,
-    batches: Callable[[], list[Batch]],
-    epochs: int,
-    lr: float,
-    optimizer: str,
-    progress: tqdm | None = None,
-) -> tuple[Mapping[str, torch.Tensor], float]:
-    """Fine-tune W + D from the model's current weights; return (module name → D, last epoch's loss)."""
-    device = next(model.parameters()).device
-
-    def loss_fn(batch: Batch) -> torch.Tensor:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        return functional_call(model, parametrization.overrides(), args=(), kwargs=batch, strict=False).loss
-
-    loss = train(loss_fn, parametrization.parameters(), batches, epochs, lr, optimizer, progress)
-    return parametrization.deltas(), loss
-
-
-def train_model(
-    model: nn.Module,
-    parameters: list[torch.Tensor],
-    batches: Callable[[], list[Batch]],
-    epochs: int,
-    lr: float,
-    optimizer: str,
-    progress: tqdm | None = None,
-) -> float:
-    """Train `parameters` of `model` itself (e.g. a DFT adapter's core values) on the batches."""
-    device = next(model.parameters()).device
-    return train(
-        lambda batch: model(**{k: v.to(device) for k, v in batch.items()}).loss,
-        parameters, batches, epochs, lr, optimizer, progress,
-    )
