@@ -12,11 +12,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
+# benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder off the path.
+sys.path.remove(os.path.dirname(os.path.abspath(__file__)))
+
 import argparse
 import json
-import os
 import shlex
-import sys
 import tempfile
 import time
 

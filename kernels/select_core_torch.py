@@ -11,15 +11,20 @@ The rule (Delicate Fine-Tuning §4.1, made exact):
   candidates that come first in the order (key descending, module name ascending, flat index ascending) — fewer when
   there are fewer candidates; its values are fp32(Δnew) · scale.
 
-The CPU path streams each delta once in chunks and keeps a buffer of at most ~2k entries: whenever the buffer
-overflows it is cut to the exact top k of the prefix seen so far, whose k-th key then filters all later chunks
-(streaming top-k). A key threshold estimated from a small random sample filters from the start, so the buffer
-rarely needs cutting; if the estimate was too high a second pass fetches the rest. Peak extra memory is
-O(k + chunk), never a copy of the scores.
+The CPU path streams each delta once in chunks. A fused (torch.compile'd) pass per chunk computes the scores and
+compares them with a key floor; only the elements that pass are gathered and appended to a buffer, which is cut to
+the exact top k of the prefix seen so far whenever it exceeds ~2k entries (streaming top-k; the k-th key then raises
+the floor). The floor starts at the low end of a key window estimated from a small random sample, so the buffer holds
+little more than the core and rarely needs cutting; entries above the window are kept without their keys, and the
+final cut ranks only the keys inside the window and compacts each module's entries in place. If the estimate was too
+high, a second pass fetches the rest. Peak extra memory is the window's keys, one module's entries, the sample and
+O(chunk), never a copy of the scores.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import os
 import warnings
@@ -33,7 +38,8 @@ from ..sparse import SparseDelta, index_dtype
 SELECTIONS = ("global", "per_module")
 FLT_MIN = torch.finfo(torch.float32).tiny
 MAX_KEY = 0x7F800000  # bit pattern of +inf: the largest key (an overflowing finite difference)
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # elements per chunk, at most (and at most 1/128 of the input, at least MIN_CHUNK)
+MIN_CHUNK = 1 << 16
 SAMPLE = 1 << 16
 _COMPILE_MIN_NUMEL = 1 << 24
 
@@ -43,38 +49,71 @@ def core_size(top_t: float, numel: int) -> int:
     return int(Decimal(repr(float(top_t))) * numel)
 
 
+def _scores(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """s = |x − y| where x, y (fp32) have opposite signs, magnitudes below FLT_MIN counting as zero; 0 elsewhere."""
+    candidate = ((x >= FLT_MIN) & (y <= -FLT_MIN)) | ((x <= -FLT_MIN) & (y >= FLT_MIN))
+    return torch.where(candidate, (x - y).abs(), 0.0)
+
+
+def _nonfinite(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ~(torch.isfinite(x).all() & torch.isfinite(y).all())
+
+
 def chunk_keys(new: torch.Tensor, old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys of one chunk (int32, 0 for non-candidates) and whether the chunk holds NaN/inf."""
-    x = new.float()
-    y = old.float()
-    candidate = ((x >= FLT_MIN) & (y <= -FLT_MIN)) | ((x <= -FLT_MIN) & (y >= FLT_MIN))
-    keys = torch.where(candidate, (x - y).abs(), 0.0).view(torch.int32)
-    nonfinite = ~(torch.isfinite(x).all() & torch.isfinite(y).all())
-    return keys, nonfinite
+    x, y = new.float(), old.float()
+    return _scores(x, y).view(torch.int32), _nonfinite(x, y)
 
 
-_compiled_chunk_keys: Callable | None = None
+def chunk_window(
+    new: torch.Tensor, old: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """Write to `out` the chunk's scores whose keys lie in [lo, hi], 0 elsewhere; return whether it holds NaN/inf.
+
+    `lo`, `hi` are 0-d float32 tensors holding the key bounds' bit patterns (lo ≥ 1 excludes non-candidates):
+    scores compare as floats exactly as keys compare as ints. Viewed as int32, `out` holds the keys of the elements
+    to keep and zeros. (Float scores, not a mask: inductor's CPU code stores bool tensors element by element, ten
+    times slower. Tensor bounds keep one compiled graph for every bound, and the reused `out` keeps the heap from
+    fragmenting between the buffer's parts.)
+    """
+    x, y = new.float(), old.float()
+    s = _scores(x, y)
+    out.copy_(torch.where((s >= lo) & (s <= hi), s, 0.0))
+    return _nonfinite(x, y)
 
 
-def _chunk_keys_fn(total_numel: int) -> Callable:
-    """The fused (torch.compile'd) key function for large inputs, the eager one otherwise or if compiling fails.
+def key_bound(key: int) -> torch.Tensor:
+    """The float32 0-d tensor whose bits are `key` (a bound for `chunk_window`)."""
+    return torch.tensor(key, dtype=torch.int32).view(torch.float32)
+
+
+_compiled: Callable | None = None
+
+
+def compile_wanted(total_numel: int) -> bool:
+    """Whether `chunk_window` runs torch.compile'd for an input of this size (see `_window_fn`)."""
+    mode = os.environ.get("DFT_PEFT_COMPILE", "auto")
+    return mode == "1" or (mode != "0" and total_numel >= _COMPILE_MIN_NUMEL)
+
+
+def _window_fn(total_numel: int) -> Callable:
+    """`chunk_window`, fused by torch.compile for large inputs; eager otherwise or if compiling fails.
 
     `DFT_PEFT_COMPILE=0` forces eager, `=1` forces compiled; by default inputs of 16M elements and more compile.
     """
-    global _compiled_chunk_keys
-    mode = os.environ.get("DFT_PEFT_COMPILE", "auto")
-    if mode == "0" or (mode != "1" and total_numel < _COMPILE_MIN_NUMEL):
-        return chunk_keys
-    if _compiled_chunk_keys is None:
-        compiled = torch.compile(chunk_keys, dynamic=True)
+    global _compiled
+    if not compile_wanted(total_numel):
+        return chunk_window
+    if _compiled is None:
+        compiled = torch.compile(chunk_window, dynamic=True)
         try:
             probe = torch.tensor([1.0, -2.0, 0.0])
-            compiled(probe, -probe)
-            _compiled_chunk_keys = compiled
+            compiled(probe, -probe, key_bound(1), key_bound(MAX_KEY), torch.empty(3))
+            _compiled = compiled
         except Exception as err:  # no C++ compiler, unsupported platform, ...
             warnings.warn(f"torch.compile unavailable for core selection ({err}); using eager torch", stacklevel=3)
-            _compiled_chunk_keys = chunk_keys
-    return _compiled_chunk_keys
+            _compiled = chunk_window
+    return _compiled
 
 
 def check_deltas(new_deltas: Mapping[str, torch.Tensor], old_deltas: Mapping[str, torch.Tensor]) -> list[str]:
@@ -109,67 +148,133 @@ def raise_nonfinite(name: str) -> None:
                      "learning rate) or the checkpoint is corrupt")
 
 
-def iter_chunks(tensor: torch.Tensor, chunk: int = CHUNK):
-    """Yield (flat offset, flat chunk) over the logical row-major order, copying at most ~chunk elements at a time."""
+def iter_chunks(tensor: torch.Tensor, chunk: int | None = None):
+    """Yield (flat offset, flat chunk) over the logical row-major order in blocks of whole rows (~chunk elements).
+
+    Boundaries depend only on the shape, so two tensors of one shape chunk alike whatever their strides; a
+    non-contiguous block is copied, a contiguous one is a view.
+    """
+    chunk = chunk or CHUNK
     if tensor.dim() == 0:
         tensor = tensor.reshape(1)
-    numel = tensor.numel()
-    if numel == 0:
+    if tensor.numel() == 0:
         return
-    if tensor.is_contiguous():
-        flat = tensor.view(-1)
-        for start in range(0, numel, chunk):
-            yield start, flat[start : start + chunk]
-        return
-    row = numel // tensor.shape[0]
+    row = tensor.numel() // tensor.shape[0]
     rows = max(1, chunk // max(row, 1))
     for r in range(0, tensor.shape[0], rows):
         yield r * row, tensor[r : r + rows].reshape(-1)
 
 
-class _Buffer:
-    """Selected (key, module, index, value) entries in stream order, cut back to the exact top k on overflow."""
+def iter_chunk_pairs(new: torch.Tensor, old: torch.Tensor, chunk: int | None = None):
+    """Yield (flat offset, new chunk, old chunk): flat views of ~chunk elements for contiguous pairs, else
+    `iter_chunks` row blocks of both."""
+    chunk = chunk or CHUNK
+    if new.dim() == 0:
+        new, old = new.reshape(1), old.reshape(1)
+    numel = new.numel()
+    if numel == 0:
+        return
+    if new.is_contiguous() and old.is_contiguous():
+        flat_new, flat_old = new.view(-1), old.view(-1)
+        for start in range(0, numel, chunk):
+            yield start, flat_new[start : start + chunk], flat_old[start : start + chunk]
+        return
+    yield from ((start, a, b) for (start, a), (_, b) in zip(iter_chunks(new, chunk), iter_chunks(old, chunk)))
 
-    def __init__(self, k: int) -> None:
+
+def gather_flat(tensor: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The elements of `tensor` at row-major flat indices `idx`, without copying `tensor`."""
+    if tensor.dim() <= 1 or tensor.is_contiguous():
+        return tensor.reshape(-1)[idx]
+    return tensor[torch.unravel_index(idx, tensor.shape)]
+
+
+class _Buffer:
+    """Selected entries in stream order, as parts (module, flat indices, values, keyed positions, keys).
+
+    Entries whose key reaches `sure` (the top of the sampled window) belong to the core unless the sample misled, so
+    only the others keep their key (positions within the part; None: every entry keyed). Keys are 4 bytes per entry
+    kept, as much as the values: this keeps the buffer's overhead to the window. Should the exact keys of all
+    entries be needed (a cut mid-stream, or more than k sure entries), `rekey(module, indices)` recomputes them.
+    """
+
+    def __init__(self, k: int, chunk: int, sure: int | None, rekey: Callable) -> None:
         self.k = k
-        self.cap = 2 * k + CHUNK
-        self.parts: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.cap = 2 * k + chunk
+        self.sure = sure
+        self.rekey = rekey
+        self.parts: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
         self.size = 0
         self.device = torch.device("cpu")
 
     def add(self, module: int, keys: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> int | None:
-        """Append entries; return a new (exclusive) key floor for later chunks when the buffer was cut."""
-        if idx.numel():
-            self.parts.append((module, keys, idx, vals))
-            self.size += idx.numel()
-        if self.size > self.cap:
-            return self.cut() + 1
-        return None
-
-    def cut(self) -> int:
-        """Keep exactly the first k entries in (key desc, stream order); return the k-th key."""
-        keys = torch.cat([p[1] for p in self.parts])
-        if self.size <= self.k:
-            return 0
-        # kth largest = (n - k + 1)-th smallest
-        kth = int(torch.kthvalue(keys, self.size - self.k + 1).values)
-        above = int((keys > kth).sum())
-        quota = self.k - above
-        ties = keys == kth
-        keep = (keys > kth) | (ties & (torch.cumsum(ties, 0) <= quota))
-        parts, start = [], 0
-        for module, k_, i_, v_ in self.parts:
-            m = keep[start : start + k_.numel()]
-            start += k_.numel()
-            if bool(m.any()):
-                parts.append((module, k_[m], i_[m], v_[m]))
-        self.parts = parts
+        """Append entries; return a new (inclusive) key floor for later chunks when the buffer was cut."""
+        pos = None
+        if self.sure is not None:
+            pos = (keys < self.sure).nonzero().squeeze(1).int()
+            keys = keys[pos]
+        self.parts.append((module, idx, vals, pos, keys))
+        self.size += idx.numel()
+        if self.size <= self.cap:
+            return None
+        self.key_all()
+        kth, above = self.threshold()
+        masks = self.keep_masks(kth, above)
+        self.parts = [(m, i[keep], v[keep], None, k[keep]) for (m, i, v, _, k), keep in zip(self.parts, masks)]
+        self.parts = [p for p in self.parts if p[1].numel()]
         self.size = self.k
-        return kth
+        return kth + 1  # later entries lose ties to earlier ones
 
-    def finish(self) -> None:
-        if self.size > self.k:
-            self.cut()
+    def key_all(self) -> None:
+        """Give every entry its key (and stop sparing them)."""
+        if self.sure is not None:
+            self.parts = [(m, i, v, None, k if p is None else self.rekey(m, i)) for m, i, v, p, k in self.parts]
+            self.sure = None
+
+    def seal(self, module: int) -> None:
+        """Merge the module's trailing parts into one (its entries are complete): module-sized blocks, not chunk-sized
+        scraps, are what the final cut frees and replaces, which the heap can reuse."""
+        first = len(self.parts)
+        while first and self.parts[first - 1][0] == module:
+            first -= 1
+        group = self.parts[first:]
+        if len(group) < 2:
+            return
+        sizes = [i.numel() for _, i, _, _, _ in group]
+        starts = [0, *itertools.accumulate(sizes)][:-1]
+        pos = None
+        if any(p is not None for _, _, _, p, _ in group):
+            pos = torch.cat([(torch.arange(n, dtype=torch.int32, device=i.device) if p is None else p) + start
+                             for (_, i, _, p, _), n, start in zip(group, sizes, starts)])
+        merged = (module, *(torch.cat([part[f] for part in group]) for f in (1, 2)), pos,
+                  torch.cat([part[4] for part in group]))
+        self.parts[first:] = [merged]
+
+    def threshold(self) -> tuple[int, int]:
+        """(k-th largest key, number of entries above it) over the buffer, whose size exceeds k."""
+        unkeyed = sum(i.numel() - k.numel() for _, i, _, _, k in self.parts)
+        if unkeyed >= self.k:  # k entries or more above the window: the sample misled
+            self.key_all()
+            unkeyed = 0
+        keys = torch.cat([p[4] for p in self.parts])  # the k-th key is among them
+        kth = int(torch.kthvalue(keys, keys.numel() - (self.k - unkeyed) + 1).values)
+        return kth, unkeyed + int((keys > kth).sum())
+
+    def keep_masks(self, kth: int, above: int):
+        """Per part, the entries among the first k in (key desc, stream order), given the k-th key."""
+        quota = self.k - above
+        for _, idx, _, pos, keys in self.parts:
+            keep = keys > kth
+            if quota > 0:
+                ties = keys == kth
+                n_ties = int(ties.sum())
+                if n_ties > quota:
+                    ties &= torch.cumsum(ties, 0) <= quota
+                keep |= ties
+                quota -= min(n_ties, quota)
+            if pos is not None:
+                keep = torch.ones(idx.numel(), dtype=torch.bool, device=idx.device).index_put_((pos,), keep)
+            yield keep
 
 
 def _stream_pass(
@@ -180,45 +285,58 @@ def _stream_pass(
     lo: int,
     hi: int,
     scale: float,
-    keys_fn: Callable,
+    window_fn: Callable,
+    chunk: int,
+    sure: int | None = None,
 ) -> _Buffer:
-    """One streaming pass over `names` keeping the top k candidates whose key lies in [lo, hi)."""
-    buffer = _Buffer(k)
+    """One streaming pass over `names` collecting the top k candidates whose key lies in [lo, hi) (not yet cut).
+
+    Keys from `sure` up are not stored (see `_Buffer`).
+    """
+
+    def rekey(module: int, idx: torch.Tensor) -> torch.Tensor:
+        new, old = new_deltas[names[module]], old_deltas[names[module]]
+        return chunk_keys(gather_flat(new, idx), gather_flat(old, idx))[0]
+
+    buffer = _Buffer(k, chunk, sure, rekey)
+    lo_bound, hi_bound = key_bound(lo), key_bound(min(hi, MAX_KEY + 1) - 1)
+    window = torch.empty(0)
     for rank, name in enumerate(names):
         new, old = new_deltas[name], old_deltas[name]
         check_pair(name, new, old)
         buffer.device = new.device
-        old_chunks = iter_chunks(old)
-        for start, new_chunk in iter_chunks(new):
-            _, old_chunk = next(old_chunks)
-            keys, nonfinite = keys_fn(new_chunk, old_chunk)
-            if bool(nonfinite):
+        idx_dtype = index_dtype(new.numel())
+        for start, new_chunk, old_chunk in iter_chunk_pairs(new, old, chunk):
+            if window.numel() < new_chunk.numel() or window.device != new.device:
+                window = torch.empty(max(chunk, new_chunk.numel()), device=new.device)
+            keys = window[: new_chunk.numel()]
+            if bool(window_fn(new_chunk, old_chunk, lo_bound, hi_bound, keys)):
                 raise_nonfinite(name)
             if k == 0:
                 continue
-            mask = keys >= lo
-            if hi <= MAX_KEY:
-                mask &= keys < hi
-            local = mask.nonzero().squeeze(1)
+            keys = keys.view(torch.int32)
+            local = keys.nonzero().squeeze(1)
             if local.numel() == 0:
                 continue
             vals = new_chunk[local].float()
             if scale != 1.0:
                 vals = vals * scale
-            floor = buffer.add(rank, keys[local], local + start, vals)
+            floor = buffer.add(rank, keys[local], (local + start).to(idx_dtype), vals)
             if floor is not None:
-                lo = max(lo, floor)
-    buffer.finish()
+                lo_bound = key_bound(max(int(lo_bound.view(torch.int32)), floor))
+        buffer.seal(rank)
     return buffer
 
 
-def _sampled_floor(
-    names: list[str], new_deltas: Mapping[str, torch.Tensor], old_deltas: Mapping[str, torch.Tensor], k: int,
-    total: int,
-) -> int:
-    """A key floor that at least k candidates reach with high probability, from a uniform random sample."""
-    if total <= SAMPLE * 4:
-        return 1
+def worth_sampling(numel: int) -> bool:
+    """Whether a scope is large enough for a sampled threshold to pay off."""
+    return numel > 4 * SAMPLE
+
+
+def sample_keys(
+    names: list[str], new_deltas: Mapping[str, torch.Tensor], old_deltas: Mapping[str, torch.Tensor], total: int
+) -> torch.Tensor:
+    """Keys of SAMPLE uniformly drawn elements of the scope (fixed seed), on the CPU, sorted descending."""
     gen = torch.Generator().manual_seed(0)
     sizes = [new_deltas[n].numel() for n in names]
     positions = torch.randint(0, total, (SAMPLE,), generator=gen).sort().values
@@ -229,49 +347,85 @@ def _sampled_floor(
         if hi == lo:
             continue
         new, old = new_deltas[name], old_deltas[name]
-        where = torch.unravel_index((positions[lo:hi] - bounds[i]).to(new.device), new.shape)
-        keys.append(chunk_keys(new[where].reshape(-1), old[where].reshape(-1))[0].cpu())
-    sample = torch.cat(keys).sort(descending=True).values
+        where = (positions[lo:hi] - bounds[i]).to(new.device)
+        keys.append(chunk_keys(gather_flat(new, where), gather_flat(old, where))[0].cpu())
+    return torch.cat(keys).sort(descending=True).values
+
+
+def sampled_window(sample: torch.Tensor, k: int, total: int) -> tuple[int, int]:
+    """A key window [lo, hi) that holds the scope's k-th largest key with high probability.
+
+    The k-th key's rank in the sample is binomial around k·SAMPLE/total; the window spans ±(4σ + 8) ranks, so it
+    misses with probability < 1e-4 and holds about 8σ/SAMPLE of the elements. `lo` is 1 (every candidate) and `hi`
+    past MAX_KEY (no upper cut) where the sample cannot bound that side.
+    """
     expected = k * SAMPLE / total
-    rank = math.ceil(expected + 4.0 * math.sqrt(expected) + 8)
-    if rank >= SAMPLE or int(sample[rank]) <= 0:
-        return 1
-    return int(sample[rank])
+    margin = 4.0 * math.sqrt(expected) + 8
+    low_rank, high_rank = math.ceil(expected + margin), math.floor(expected - margin)
+    lo = int(sample[low_rank]) if low_rank < SAMPLE else 0
+    hi = int(sample[high_rank]) + 1 if high_rank >= 0 else MAX_KEY + 1
+    return max(lo, 1), max(hi, max(lo, 1) + 1)
 
 
-def _shapes_once(names: list[str], deltas: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+def delta_shapes(names: list[str], deltas: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """Shapes of a lazy mapping: it may expose `shape_of(name)` to avoid computing a delta just for its shape."""
     shape_of = getattr(deltas, "shape_of", None)
     return {n: tuple(shape_of(n)) if shape_of else tuple(deltas[n].shape) for n in names}
 
 
+def _compact(keep: torch.Tensor, *tensors: torch.Tensor, step: int = 1 << 18) -> int:
+    """Move the kept entries of each tensor to its front, in place and in slices (temporaries stay small: writes
+    never overtake reads); return how many were kept."""
+    out = 0
+    for start in range(0, keep.numel(), step):
+        mask = keep[start : start + step]
+        n = int(mask.sum())
+        for t in tensors:
+            t[out : out + n] = t[start : start + step][mask]
+        out += n
+    return out
+
+
 def _select_scope(
     names: list[str], new_deltas: Mapping[str, torch.Tensor], old_deltas: Mapping[str, torch.Tensor], k: int,
-    scale: float, sample: bool, keys_fn: Callable,
+    scale: float, sample: bool, window_fn: Callable, chunk: int,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     total = sum(new_deltas[n].numel() for n in names) if sample else 0
-    floor = _sampled_floor(names, new_deltas, old_deltas, k, total) if sample and k else 1
-    buffers = [_stream_pass(names, new_deltas, old_deltas, k, floor, MAX_KEY + 1, scale, keys_fn)]
-    if buffers[0].size < k and floor > 1:  # the sampled floor was too high: fetch the best of the rest
-        buffers.append(_stream_pass(names, new_deltas, old_deltas, k - buffers[0].size, 1, floor, scale, keys_fn))
-    out: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {n: ([], []) for n in names}
+    lo, hi = 1, None
+    if sample and k and worth_sampling(total):
+        lo, hi = sampled_window(sample_keys(names, new_deltas, old_deltas, total), k, total)
+    stream = functools.partial(_stream_pass, names, new_deltas, old_deltas, scale=scale, window_fn=window_fn,
+                               chunk=chunk)
+    buffers = [stream(k, lo, MAX_KEY + 1, sure=hi if hi is not None and hi <= MAX_KEY else None)]
+    if buffers[0].size < k and lo > 1:  # the sampled floor was too high: fetch the best of the rest
+        buffers.append(stream(k - buffers[0].size, 1, lo))
+    # The exact cut, one sealed (module-sized) part at a time, compacted in place: allocating the outputs anew would
+    # leave the parts' memory as heap holes and nearly double the peak. The cut entries' room stays as slack unless
+    # it is large (a misled sample).
+    result: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {n: ([], []) for n in names}
     for buffer in buffers:
-        for module, _, idx, vals in buffer.parts:
-            out[names[module]][0].append(idx)
-            out[names[module]][1].append(vals)
-    result = {}
+        masks = buffer.keep_masks(*buffer.threshold()) if buffer.size > buffer.k else itertools.repeat(None)
+        parts = buffer.parts
+        for j, keep in zip(range(len(parts)), masks):
+            module, idx, vals, _, _ = parts[j]
+            parts[j] = None
+            if keep is not None:
+                n = _compact(keep, idx, vals)
+                idx, vals = (idx[:n], vals[:n]) if 8 * n >= 7 * idx.numel() else (idx[:n].clone(), vals[:n].clone())
+            result[names[module]][0].append(idx)
+            result[names[module]][1].append(vals)
+            del idx, vals
     device = buffers[0].device
-    for name, (idx, vals) in out.items():
+    out = {}
+    for name, (idx, vals) in result.items():
         if not idx:
-            result[name] = (torch.empty(0, dtype=torch.int64, device=device),
-                            torch.empty(0, dtype=torch.float32, device=device))
-            continue
-        idx, vals = torch.cat(idx), torch.cat(vals)
-        if len(buffers) > 1:
-            idx, order = idx.sort()
-            vals = vals[order]
-        result[name] = (idx, vals)
-    return result
+            out[name] = (torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, device=device))
+        elif len(idx) == 1:
+            out[name] = (idx[0], vals[0])
+        else:  # second-pass entries come after the first pass's: merge by index
+            idx, order = torch.cat(idx).sort()
+            out[name] = (idx, torch.cat(vals)[order])
+    return out
 
 
 def select_core_torch(
@@ -297,16 +451,18 @@ def select_core_torch(
     names = check_deltas(new_deltas, old_deltas)
     # Lazy mappings (deltas computed on access, e.g. from LoRA factors) are read once per pass and not sampled.
     sample = isinstance(new_deltas, dict) and isinstance(old_deltas, dict)
-    shapes = {n: tuple(new_deltas[n].shape) for n in names} if sample else _shapes_once(names, new_deltas)
+    shapes = {n: tuple(new_deltas[n].shape) for n in names} if sample else delta_shapes(names, new_deltas)
     total = sum(math.prod(s) for s in shapes.values())
-    keys_fn = _chunk_keys_fn(total)
+    window_fn = _window_fn(total)
+    chunk = min(CHUNK, max(MIN_CHUNK, total // 128))  # chunk temporaries stay a small fraction of the deltas
     if selection == "global":
-        picked = _select_scope(names, new_deltas, old_deltas, core_size(top_t, total), scale, sample, keys_fn)
+        picked = _select_scope(names, new_deltas, old_deltas, core_size(top_t, total), scale, sample, window_fn,
+                               chunk)
     else:
         picked = {}
         for name in names:
             k = core_size(top_t, math.prod(shapes[name]))
-            picked.update(_select_scope([name], new_deltas, old_deltas, k, scale, sample, keys_fn))
+            picked.update(_select_scope([name], new_deltas, old_deltas, k, scale, sample, window_fn, chunk))
     core = {}
     for name in names:
         idx, vals = picked[name]

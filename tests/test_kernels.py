@@ -1,0 +1,388 @@
+"""Kernels against their references, bit for bit: Triton (interpreted on a CPU) and the streaming torch path against
+the naive selection, Triton scatter-merge against torch.
+
+Inputs are fresh random tensors on every run; each test prints its seed (shown on failure) and
+`DFT_PEFT_TEST_SEED=<seed>` replays it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+from collections.abc import Mapping
+
+import pytest
+import torch
+from dft_peft.kernels import (
+    HAS_TRITON,
+    compose_weight,
+    compose_weight_torch,
+    merged_values,
+    merged_values_torch,
+    scatter_merge,
+    scatter_merge_torch,
+    scatter_restore,
+    scatter_restore_torch,
+    select_core_naive,
+    select_core_torch,
+)
+
+select_torch = importlib.import_module("dft_peft.kernels.select_core_torch")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    seed = int(os.environ.get("DFT_PEFT_TEST_SEED") or random.SystemRandom().randrange(2**31))
+    print(f"seed {seed} (replay: DFT_PEFT_TEST_SEED={seed})")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def select_triton(monkeypatch):
+    """The Triton selection module, with small tiles so that small inputs span many tiles."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    module = importlib.import_module("dft_peft.kernels.select_core_triton")
+    monkeypatch.setattr(module, "BLOCK", 256)
+    return module
+
+
+class LazyDeltas(Mapping):
+    """A non-dict mapping, as for deltas computed on access: the torch path neither samples nor indexes it twice."""
+
+    def __init__(self, deltas: dict[str, torch.Tensor]) -> None:
+        self.deltas = deltas
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.deltas[name]
+
+    def __iter__(self):
+        return iter(self.deltas)
+
+    def __len__(self) -> int:
+        return len(self.deltas)
+
+
+def rand(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32, levels: int | None = None):
+    x = torch.randn(shape, generator=gen)
+    if levels:  # few distinct magnitudes: many exact ties
+        x = (x * levels).round() / levels
+    return x.to(dtype)
+
+
+def random_deltas(gen: torch.Generator, n_modules: int, max_numel: int = 1500, levels: int | None = None):
+    """Modules of random shapes (vectors, matrices, scalars, empty) and dtypes, some non-contiguous."""
+    new, old = {}, {}
+    for i in range(n_modules):
+        kind = int(torch.randint(0, 8, (), generator=gen))
+        if kind == 0:
+            shape = ()
+        elif kind == 1:
+            shape = (0, 3)
+        elif kind <= 4:
+            shape = (int(torch.randint(1, max_numel, (), generator=gen)),)
+        else:
+            rows = int(torch.randint(1, 60, (), generator=gen))
+            shape = (rows, int(torch.randint(1, max_numel // rows + 2, (), generator=gen)))
+        dtypes = [FLOATS[int(torch.randint(0, 4, (), generator=gen))] for _ in range(2)]
+        pair = [rand(gen, *shape, dtype=dt, levels=levels) for dt in dtypes]
+        if len(shape) == 2 and kind == 7:  # the same values, stored transposed
+            pair[0] = pair[0].t().contiguous().t()
+        new[f"layers.{i}.proj"], old[f"layers.{i}.proj"] = pair
+    return new, old
+
+
+def sized_deltas(gen: torch.Generator, shapes, levels: int | None = None):
+    """Modules of the given shapes with random dtypes (Δnew: any float; Δold: fp32/bf16/fp16)."""
+    new, old = {}, {}
+    for i, shape in enumerate(shapes):
+        new_dtype, old_dtype = (FLOATS[int(torch.randint(0, n, (), generator=gen))] for n in (4, 3))
+        new[f"m{i}"] = rand(gen, *shape, dtype=new_dtype, levels=levels)
+        old[f"m{i}"] = rand(gen, *shape, dtype=old_dtype, levels=levels)
+    return new, old
+
+
+def to_device(deltas):
+    return {name: t.to(DEVICE) for name, t in deltas.items()}
+
+
+def assert_same_core(got, want, what: str) -> None:
+    assert list(got) == list(want), what
+    for name, w in want.items():
+        g = got[name]
+        assert g.shape == w.shape, (what, name)
+        assert g.indices.dtype == w.indices.dtype and g.values.dtype == w.values.dtype, (what, name)
+        assert torch.equal(g.indices.cpu(), w.indices), (what, name, g.nnz, w.nnz)
+        assert torch.equal(g.values.cpu().view(torch.int32), w.values.view(torch.int32)), (what, name)
+
+
+def check_selection(new, old, top_t, selection, select_triton=None, scale=1.0):
+    """Every path against the naive reference; returns the reference."""
+    want = select_core_naive(new, old, top_t, selection, scale=scale)
+    what = f"top_t={top_t} {selection}"
+    assert_same_core(select_core_torch(new, old, top_t, selection, scale=scale), want, f"torch {what}")
+    if select_triton is not None:
+        got = select_triton.select_core_triton(to_device(new), to_device(old), top_t, selection, scale=scale)
+        assert_same_core(got, want, f"triton {what}")
+    return want
+
+
+# --- core selection: Triton and streaming torch against the naive reference ----------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("selection", ["global", "per_module"])
+def test_select_random_modules(gen, select_triton, selection):
+    new, old = random_deltas(gen, 7)
+    for top_t in (0.01, 0.2, 0.9):
+        check_selection(new, old, top_t, selection, select_triton, scale=0.3)
+
+
+@needs_triton
+@pytest.mark.parametrize("selection", ["global", "per_module"])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # 3e38 − (−3e38) = inf, on purpose
+def test_select_ties_zeros_and_extremes(gen, select_triton, selection):
+    """Exact ties within and across modules, all-equal scores, zeros, subnormals, same signs, an overflowing score."""
+    tied = rand(gen, 40, 30, levels=3)
+    extreme = torch.tensor([3e38, 1e-39, -1e-39, 0.0, 5.0, -0.0, 2.0, 1e-45])
+    new = {
+        "a": tied,
+        "b": tied.clone().bfloat16().float(),  # the same scores: ties across modules
+        "c": torch.full((300,), 0.5),  # one score everywhere
+        "d": extreme,
+        "e": torch.tensor([1e-300, -1e-300, 4.0], dtype=torch.float64),  # fp32 casts underflow to zero: no sign
+    }
+    old = {
+        "a": rand(gen, 40, 30, levels=2),
+        "b": -tied,
+        "c": torch.full((300,), -0.25),
+        "d": torch.tensor([-3e38, -1.0, 1.0, -1.0, 1.0, 3.0, 2.0, -1e-45]),
+        "e": torch.tensor([-1.0, 1.0, -4.0], dtype=torch.float64),
+    }
+    for top_t in (0.05, 0.3, 0.6, 1.0):
+        check_selection(new, old, top_t, selection, select_triton)
+
+
+@needs_triton
+def test_select_k_zero_and_k_beyond_candidates(gen, select_triton):
+    new, old = {"a": rand(gen, 30, 20), "b": rand(gen, 7)}, {"a": rand(gen, 30, 20), "b": rand(gen, 7)}
+    for selection in ("global", "per_module"):
+        want = check_selection(new, old, 0.001, selection, select_triton)  # k = 0 (per module: 0 and 0)
+        assert all(d.nnz == 0 and d.indices.dtype == torch.int32 for d in want.values())
+        want = check_selection(new, old, 0.95, selection, select_triton)  # k ≥ candidates: all of them
+        candidates = sum(int((select_torch.chunk_keys(new[n], old[n])[0] > 0).sum()) for n in new)
+        assert sum(d.nnz for d in want.values()) == candidates
+
+
+@needs_triton
+@pytest.mark.parametrize("selection", ["global", "per_module"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_select_nonfinite_names_module(gen, select_triton, selection, bad):
+    new = {name: rand(gen, 20, 10) for name in ("a.weight", "b.weight", "c.weight")}
+    old = {name: rand(gen, 20, 10) for name in new}
+    new["b.weight"][3, 4] = bad
+    old["c.weight"][0, 0] = bad
+    paths = {
+        "torch": lambda *a: select_core_torch(new, old, *a),
+        "naive": lambda *a: select_core_naive(new, old, *a),
+        "triton": lambda *a: select_triton.select_core_triton(to_device(new), to_device(old), *a),
+    }
+    for top_t in (0.1, 0.001):  # also when nothing is selected
+        for path, select in paths.items():
+            with pytest.raises(ValueError, match="NaN or inf") as err:
+                select(top_t, selection)
+            if path != "naive":  # the reference does not say which module
+                assert "'b.weight'" in str(err.value), path
+
+
+@needs_triton
+def test_select_empty_inputs(select_triton):
+    assert select_triton.select_core_triton({}, {}, 0.5) == select_core_torch({}, {}, 0.5) == {}
+    new = {"empty": torch.zeros(0, 4), "also": torch.zeros(0)}
+    old = {"empty": torch.zeros(0, 4), "also": torch.zeros(0)}
+    for selection in ("global", "per_module"):
+        want = check_selection(new, old, 1.0, selection, select_triton)
+        assert want["empty"].shape == (0, 4) and want["also"].nnz == 0
+
+
+@needs_triton
+def test_select_many_modules(gen, select_triton):
+    new, old = random_deltas(gen, 60, max_numel=300)
+    for selection in ("global", "per_module"):
+        check_selection(new, old, 0.1, selection, select_triton)
+
+
+@needs_triton
+def test_select_noncontiguous(gen, select_triton):
+    base = rand(gen, 50, 64)
+    new = {
+        "transposed": rand(gen, 40, 30).t(),
+        "sliced": base[::2, 3:50],
+        "strided_vector": base[:, 5],
+        "expanded": torch.tensor([[0.5], [-1.0], [2.0]]).expand(3, 50),
+        "permuted_3d": rand(gen, 6, 5, 7, dtype=torch.float16).permute(2, 0, 1),  # needs a copy
+    }
+    old = {
+        "transposed": rand(gen, 30, 40, dtype=torch.bfloat16),
+        "sliced": rand(gen, 47, 25).t(),
+        "strided_vector": rand(gen, 50),
+        "expanded": rand(gen, 3, 50),
+        "permuted_3d": rand(gen, 7, 6, 5).transpose(1, 2).contiguous().transpose(1, 2),
+    }
+    for selection in ("global", "per_module"):
+        check_selection(new, old, 0.25, selection, select_triton)
+
+
+@needs_triton
+@pytest.mark.parametrize("window", ["sampled", "too_high", "too_low"])
+def test_select_triton_narrowing_passes(gen, select_triton, monkeypatch, window):
+    """A side list too small for the window forces histogram narrowing; a misplaced sampled window forces the
+    passes that search above or below it."""
+    monkeypatch.setattr(select_triton, "SIDE_MIN", 64)
+    monkeypatch.setattr(select_torch, "SAMPLE", 128)
+    sampled = select_triton.sampled_window
+
+    def misplaced(sample, k, total):
+        lo, hi = sampled(sample, k, total)
+        if window == "too_high":
+            return hi, 2 * hi - lo
+        if window == "too_low":
+            return max(1, lo - 60 * (hi - lo)), max(2, lo - 59 * (hi - lo))
+        return lo, hi
+
+    monkeypatch.setattr(select_triton, "sampled_window", misplaced)
+    passes = []
+    resolve = select_triton._Selection.resolve
+    monkeypatch.setattr(select_triton._Selection, "resolve", lambda self, s: passes.append(s) or resolve(self, s))
+    levels = int(torch.randint(0, 2, (), generator=gen)) * 40  # half the runs with heavy ties
+    new, old = sized_deltas(gen, [(40, 50), (1500,), (30, 70), (2,)], levels)
+    for selection in ("global", "per_module"):
+        check_selection(new, old, 0.07, selection, select_triton)
+    assert len(passes) > 2
+
+
+def test_select_lazy_mapping(gen, monkeypatch):
+    """A lazy mapping (no sampling) with a small chunk: the torch path cuts its buffer while streaming."""
+    monkeypatch.setattr(select_torch, "CHUNK", 128)
+    cuts = []
+    add = select_torch._Buffer.add
+    monkeypatch.setattr(select_torch._Buffer, "add", lambda self, *a: cuts.append(add(self, *a)) or cuts[-1])
+    new, old = sized_deltas(gen, [(40, 50), (3000,), (25, 40)], levels=20)
+    for selection in ("global", "per_module"):
+        want = select_core_naive(new, old, 0.05, selection)
+        assert_same_core(select_core_torch(LazyDeltas(new), LazyDeltas(old), 0.05, selection), want, selection)
+    assert any(floor is not None for floor in cuts)
+    if HAS_TRITON:
+        triton_module = importlib.import_module("dft_peft.kernels.select_core_triton")
+        got = triton_module.select_core_triton(LazyDeltas(to_device(new)), LazyDeltas(to_device(old)), 0.05)
+        assert_same_core(got, select_core_naive(new, old, 0.05), "triton")
+
+
+# --- the CPU (torch) path's own machinery ----------------------------------------------------------------------
+
+
+def test_torch_compiled_chunk_function(gen, monkeypatch):
+    """The torch.compile'd chunk function (forced on) selects the same core (one small case: compiling takes s)."""
+    monkeypatch.setenv("DFT_PEFT_COMPILE", "1")
+    if select_torch._window_fn(0) is select_torch.chunk_window:
+        pytest.skip("torch.compile is unavailable here")
+    new, old = random_deltas(gen, 4, max_numel=5000)
+    for selection in ("global", "per_module"):
+        assert_same_core(select_core_torch(new, old, 0.1, selection), select_core_naive(new, old, 0.1, selection),
+                         selection)
+
+
+@pytest.mark.parametrize("window", ["too_high", "too_low"])
+def test_torch_sampled_window_misses(gen, monkeypatch, window):
+    """A sampled floor above the k-th key needs the second pass; a window below it, the full final ranking."""
+    monkeypatch.setattr(select_torch, "CHUNK", 512)
+    monkeypatch.setattr(select_torch, "SAMPLE", 128)
+    sampled = select_torch.sampled_window
+
+    def misplaced(sample, k, total):
+        lo, hi = sampled(sample, k, total)
+        return (hi, 2 * hi - lo) if window == "too_high" else (max(1, lo // 2), lo)
+
+    monkeypatch.setattr(select_torch, "sampled_window", misplaced)
+    passes = []
+    stream = select_torch._stream_pass
+    monkeypatch.setattr(select_torch, "_stream_pass", lambda *a, **kw: passes.append(a[4]) or stream(*a, **kw))
+    new, old = sized_deltas(gen, [(60, 50), (3000,), (40, 40)])
+    want = select_core_naive(new, old, 0.05)
+    assert_same_core(select_core_torch(new, old, 0.05), want, window)
+    assert len(passes) == (2 if window == "too_high" else 1)
+
+
+# --- scatter-merge ------------------------------------------------------------------------------------------------
+
+
+def merge_case(gen, dtype, numel=6000, nnz=1500):
+    weight = rand(gen, numel // 50, 50, dtype=dtype)
+    indices = torch.randperm(numel, generator=gen)[:nnz].sort().values.int()
+    values = rand(gen, nnz) * 0.01
+    if dtype != torch.float32:  # exact rounding ties and a carry into the exponent
+        weight.view(-1)[indices[:3].long()] = torch.tensor([1.0, 1.0, 1.9921875], dtype=dtype)
+        values[:3] = torch.tensor([2.0**-8, 3 * 2.0**-8, 2.0**-8]) * (1 if dtype == torch.bfloat16 else 2.0**-3)
+    return weight.to(DEVICE), indices.to(DEVICE), values.to(DEVICE)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.cpu().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scatter_merge_matches_torch(gen, dtype):
+    from dft_peft.kernels import merged_values_triton, scatter_merge_triton, scatter_restore_triton
+
+    weight, indices, values = merge_case(gen, dtype)
+    for idx in (indices, indices.long()):
+        want, got = weight.clone(), weight.clone()
+        want_backup = scatter_merge_torch(want, idx, values)
+        assert torch.equal(bits(merged_values_triton(weight, idx, values)), bits(want.view(-1)[idx.long()]))
+        got_backup = scatter_merge_triton(got, idx, values)
+        assert torch.equal(bits(got), bits(want)) and torch.equal(bits(got_backup), bits(want_backup))
+        scatter_restore_triton(got, idx, got_backup)
+        assert torch.equal(bits(got), bits(weight))
+    empty = torch.empty(0, dtype=torch.int32, device=DEVICE)
+    assert scatter_merge_triton(weight, empty, values[:0]).numel() == 0
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_compose_weight_matches_torch(gen, dtype, transposed):
+    from dft_peft.kernels import compose_weight_triton
+
+    weight, indices, values = merge_case(gen, dtype)
+    if transposed:
+        weight = weight.t()
+    grad = rand(gen, *weight.shape, dtype=dtype).to(DEVICE)
+    results = []
+    for compose in (compose_weight_torch, compose_weight_triton):
+        w, v = weight.clone().requires_grad_(), values.clone().requires_grad_()
+        out = compose(w, indices, v)
+        out.backward(grad)
+        results.append((out.detach(), w.grad, v.grad))
+    for want, got in zip(*results):
+        assert got.shape == want.shape and torch.equal(bits(got), bits(want))
+
+
+def test_dispatchers_match_torch(gen):
+    """The public dispatchers (Triton on CUDA, torch elsewhere) give the torch bits."""
+    weight, indices, values = merge_case(gen, torch.bfloat16)
+    want, got = weight.clone(), weight.clone()
+    backup = scatter_merge(got, indices, values)
+    assert torch.equal(bits(backup), bits(scatter_merge_torch(want, indices, values)))
+    assert torch.equal(bits(got), bits(want))
+    merged = merged_values(weight, indices, values)
+    assert torch.equal(bits(merged), bits(merged_values_torch(weight, indices, values)))
+    scatter_restore(got, indices, backup)
+    scatter_restore_torch(want, indices, backup)
+    assert torch.equal(bits(got), bits(weight)) and torch.equal(bits(want), bits(weight))
+    composed = compose_weight(weight, indices, values)
+    assert torch.equal(bits(composed), bits(compose_weight_torch(weight, indices, values)))
