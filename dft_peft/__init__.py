@@ -8,6 +8,7 @@ from .build import build_edit
 from .config import DFTConfig
 from .core import select_core
 from .data import EditRequest, load_requests
+from .distributed import Shard, gather_core
 from .edit import EditArguments, EditReport, edit
 from .layer import DFTLayer
 from .metrics import EditMetrics, evaluate, locality_reference
@@ -25,10 +26,12 @@ __all__ = [
     "EditMetrics",
     "EditReport",
     "EditRequest",
+    "Shard",
     "SparseDelta",
     "build_edit",
     "edit",
     "evaluate",
+    "gather_core",
     "load_requests",
     "locality_reference",
     "select_core",

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import DFTConfig
 from .core import select_core
-from .finetune import LazyDeltas
+from .finetune import LazyDeltas, flat_range
 from .layer import DFTLayer
 from .model import DFTModel
 
@@ -48,11 +48,12 @@ class CheckpointReader:
             for name in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
                 self.files[name] = file
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """A tensor, or only its `rows` (a slice of the first dimension)."""
         if name not in self.files:
             raise ValueError(f"{self.path}: the checkpoint has no tensor {name!r}")
         with safe_open(self.files[name], framework="pt") as f:
-            return f.get_tensor(name)
+            return f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
 
 
 def _is_lora_adapter(path: str) -> bool:
@@ -70,15 +71,19 @@ def checkpoint_deltas(path: str, layers: dict[str, DFTLayer]) -> LazyDeltas:
         return LazyDeltas(shapes, _lora_delta_fn(path, layers))
     reader = CheckpointReader(path)
 
-    def delta(name: str) -> torch.Tensor:
-        weight = layers[name].get_base_layer().weight
-        tuned = reader.get(f"{name}.weight")
-        if tuple(tuned.shape) != tuple(weight.shape):
+    def delta_rows(name: str, rows: slice = slice(None)) -> torch.Tensor:
+        weight = layers[name].get_base_layer().weight.detach()
+        tuned = reader.get(f"{name}.weight", rows)
+        expected = weight[rows].shape
+        if tuned.shape != expected:
             raise ValueError(f"{path}: {name}.weight has shape {tuple(tuned.shape)}, the base model "
                              f"{tuple(weight.shape)}: a checkpoint of another model?")
-        return tuned.to(weight.device, torch.float32) - weight.detach().float()
+        return tuned.to(weight.device, torch.float32).sub_(weight[rows])
 
-    return LazyDeltas(shapes, delta)
+    def delta_range(name: str, start: int, length: int) -> torch.Tensor:
+        return flat_range(lambda rows: delta_rows(name, rows), shapes[name], start, length)
+
+    return LazyDeltas(shapes, delta_rows, delta_range)
 
 
 def _lora_delta_fn(path: str, layers: dict[str, DFTLayer]) -> Callable[[str], torch.Tensor]:

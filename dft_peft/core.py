@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -21,6 +22,8 @@ def select_core(
     selection: str = "global",
     *,
     scale: float = 1.0,
+    process_group: Any = None,
+    numels: Mapping[str, int | Sequence[int]] | None = None,
 ) -> dict[str, SparseDelta]:
     """The core of an edit: where Δnew and Δold disagree in sign, the top_t fraction by |Δnew − Δold|.
 
@@ -35,10 +38,21 @@ def select_core(
         top_t: fraction kept, in (0, 1].
         selection: `"global"` ranks all modules together, `"per_module"` keeps top_t of each module.
         scale: factor on the kept values (λ).
+        process_group: Select across the ranks of this `torch.distributed` group, each passing only the deltas it
+            holds (whole modules, or `Shard(tensor, offset)` flat slices); call on every rank. Needs `numels`
+            (module name → full shape or numel, the same on every rank). See `dft_peft.distributed`.
 
     Returns:
-        module name → `SparseDelta` (sorted flat indices, float32 values), one per input module.
+        module name → `SparseDelta` (sorted flat indices, float32 values), one per input module; with a process
+        group, this rank's part of the core (`gather_core` assembles the whole of it).
     """
+    if process_group is not None:
+        if numels is None:
+            raise ValueError("a sharded select_core needs numels: module name → full shape (or numel)")
+        from .distributed import select_core_sharded
+
+        return select_core_sharded(new_deltas, old_deltas, top_t, selection, scale=scale,
+                                   process_group=process_group, numels=numels)
     if _on_cuda(new_deltas):
         from .kernels import select_core_triton
 

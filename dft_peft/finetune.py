@@ -143,13 +143,21 @@ class LoRADeltas(_FineTune):
                 handle.remove()
 
     def deltas(self) -> LazyDeltas:
-        return LazyDeltas({n: self.layers[n].base_shape for n in self.names}, self._delta)
+        return LazyDeltas({n: self.layers[n].base_shape for n in self.names}, self._delta, self._delta_range)
 
-    def _delta(self, name: str) -> torch.Tensor:
+    def _delta_rows(self, name: str, rows: slice) -> torch.Tensor:
+        """Rows of the delta as the weight stores it ((in, out) for fan_in_fan_out)."""
         i = self.names.index(name)
         with torch.no_grad():
-            delta = self.scale * (self.b[i] @ self.a[i])
-            return (delta.T if self._transposed(name) else delta).contiguous()
+            if self._transposed(name):
+                return (self.scale * (self.b[i] @ self.a[i][:, rows])).T.contiguous()
+            return self.scale * (self.b[i][rows] @ self.a[i])
+
+    def _delta(self, name: str) -> torch.Tensor:
+        return self._delta_rows(name, slice(None))
+
+    def _delta_range(self, name: str, start: int, length: int) -> torch.Tensor:
+        return flat_range(lambda rows: self._delta_rows(name, rows), self.layers[name].base_shape, start, length)
 
 
 class ModelLoss(nn.Module):
@@ -164,11 +172,17 @@ class ModelLoss(nn.Module):
 
 
 class LazyDeltas(Mapping[str, torch.Tensor]):
-    """A read-only mapping that computes each module's delta when it is read, so only one is in memory at a time."""
+    """A read-only mapping that computes each module's delta when it is read, so only one is in memory at a time.
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], compute: Callable[[str], torch.Tensor]) -> None:
+    `read_range(name, start, length)`, when given, returns flat elements [start, start + length) of a delta without
+    computing the whole module: core selection then samples its threshold cheaply.
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], compute: Callable[[str], torch.Tensor],
+                 read_range: Callable[[str, int, int], torch.Tensor] | None = None) -> None:
         self.shapes = dict(shapes)
         self.compute = compute
+        self.read_range = read_range
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.shapes:
@@ -183,6 +197,15 @@ class LazyDeltas(Mapping[str, torch.Tensor]):
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return self.shapes[name]
+
+
+def flat_range(read_rows: Callable[[slice], torch.Tensor], shape: tuple[int, ...], start: int,
+               length: int) -> torch.Tensor:
+    """Flat elements [start, start + length) of a tensor of `shape`, reading only the rows that hold them."""
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    first, last = start // row, (start + length - 1) // row + 1
+    offset = start - first * row
+    return read_rows(slice(first, last)).reshape(-1)[offset : offset + length]
 
 
 def _rank_share(batches: list[Batch], accelerator: Any) -> list[Batch]:

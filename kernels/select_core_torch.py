@@ -41,6 +41,7 @@ MAX_KEY = 0x7F800000  # bit pattern of +inf: the largest key (an overflowing fin
 CHUNK = 1 << 20  # elements per chunk, at most (and at most 1/128 of the input, at least MIN_CHUNK)
 MIN_CHUNK = 1 << 16
 SAMPLE = 1 << 16
+RUN = 1 << 6  # consecutive elements per sampled run
 _COMPILE_MIN_NUMEL = 1 << 24
 
 
@@ -334,35 +335,58 @@ def worth_sampling(numel: int) -> bool:
 
 
 def sample_keys(
-    names: list[str], new_deltas: Mapping[str, torch.Tensor], old_deltas: Mapping[str, torch.Tensor], total: int
+    names: list[str], new_deltas: Mapping[str, torch.Tensor], old_deltas: Mapping[str, torch.Tensor],
+    shapes: dict[str, tuple[int, ...]],
 ) -> torch.Tensor:
-    """Keys of SAMPLE uniformly drawn elements of the scope (fixed seed), on the CPU, sorted descending."""
+    """Keys of SAMPLE elements of the scope in SAMPLE // RUN runs of RUN consecutive elements at uniformly drawn
+    positions (fixed seed), on the CPU, sorted descending.
+
+    Runs rather than single elements: a lazy mapping (a checkpoint, LoRA factors) reads a few rows per run instead of
+    whole modules. Whatever the sample, the result is exact; a sample that misleads costs a second pass.
+    """
     gen = torch.Generator().manual_seed(0)
-    sizes = [new_deltas[n].numel() for n in names]
-    positions = torch.randint(0, total, (SAMPLE,), generator=gen).sort().values
+    sizes = [math.prod(shapes[n]) for n in names]
+    total = sum(sizes)
+    starts = torch.randint(0, total, (max(1, SAMPLE // RUN),), generator=gen).sort().values
     bounds = torch.tensor([0, *sizes]).cumsum(0)
     keys = []
     for i, name in enumerate(names):
-        lo, hi = int(torch.searchsorted(positions, bounds[i])), int(torch.searchsorted(positions, bounds[i + 1]))
-        if hi == lo:
-            continue
-        new, old = new_deltas[name], old_deltas[name]
-        where = (positions[lo:hi] - bounds[i]).to(new.device)
-        keys.append(chunk_keys(gather_flat(new, where), gather_flat(old, where))[0].cpu())
+        lo, hi = int(torch.searchsorted(starts, bounds[i])), int(torch.searchsorted(starts, bounds[i + 1]))
+        for start in (starts[lo:hi] - bounds[i]).tolist():
+            length = min(RUN, sizes[i] - start)
+            new = read_range(new_deltas, name, start, length)
+            old = read_range(old_deltas, name, start, length)
+            keys.append(chunk_keys(new, old)[0].cpu())
     return torch.cat(keys).sort(descending=True).values
+
+
+def read_range(deltas: Mapping[str, torch.Tensor], name: str, start: int, length: int) -> torch.Tensor:
+    """Flat elements [start, start + length) of a module's delta; a lazy mapping may provide `read_range`."""
+    reader = getattr(deltas, "read_range", None)
+    if reader is not None:
+        return reader(name, start, length)
+    tensor = deltas[name]
+    return gather_flat(tensor, torch.arange(start, start + length, device=tensor.device))
+
+
+def samplable(deltas: Mapping[str, torch.Tensor]) -> bool:
+    """In-memory tensors, or a lazy mapping that can read a range without computing the whole module."""
+    return isinstance(deltas, dict) or getattr(deltas, "read_range", None) is not None
 
 
 def sampled_window(sample: torch.Tensor, k: int, total: int) -> tuple[int, int]:
     """A key window [lo, hi) that holds the scope's k-th largest key with high probability.
 
-    The k-th key's rank in the sample is binomial around k·SAMPLE/total; the window spans ±(4σ + 8) ranks, so it
-    misses with probability < 1e-4 and holds about 8σ/SAMPLE of the elements. `lo` is 1 (every candidate) and `hi`
-    past MAX_KEY (no upper cut) where the sample cannot bound that side.
+    The k-th key's rank in the sample is about binomial around k·len(sample)/total; the window spans ±(4σ + 8)
+    ranks, so it misses with probability < 1e-4 (for independent draws) and holds about 8σ/len(sample) of the
+    elements. `lo` is 1 (every candidate) and `hi` past MAX_KEY (no upper cut) where the sample cannot bound that
+    side.
     """
-    expected = k * SAMPLE / total
+    size = sample.numel()
+    expected = k * size / total
     margin = 4.0 * math.sqrt(expected) + 8
     low_rank, high_rank = math.ceil(expected + margin), math.floor(expected - margin)
-    lo = int(sample[low_rank]) if low_rank < SAMPLE else 0
+    lo = int(sample[low_rank]) if low_rank < size else 0
     hi = int(sample[high_rank]) + 1 if high_rank >= 0 else MAX_KEY + 1
     return max(lo, 1), max(hi, max(lo, 1) + 1)
 
@@ -388,12 +412,12 @@ def _compact(keep: torch.Tensor, *tensors: torch.Tensor, step: int = 1 << 18) ->
 
 def _select_scope(
     names: list[str], new_deltas: Mapping[str, torch.Tensor], old_deltas: Mapping[str, torch.Tensor], k: int,
-    scale: float, sample: bool, window_fn: Callable, chunk: int,
+    scale: float, sample: bool, window_fn: Callable, chunk: int, shapes: dict[str, tuple[int, ...]],
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    total = sum(new_deltas[n].numel() for n in names) if sample else 0
+    total = sum(math.prod(shapes[n]) for n in names)
     lo, hi = 1, None
     if sample and k and worth_sampling(total):
-        lo, hi = sampled_window(sample_keys(names, new_deltas, old_deltas, total), k, total)
+        lo, hi = sampled_window(sample_keys(names, new_deltas, old_deltas, shapes), k, total)
     stream = functools.partial(_stream_pass, names, new_deltas, old_deltas, scale=scale, window_fn=window_fn,
                                chunk=chunk)
     buffers = [stream(k, lo, MAX_KEY + 1, sure=hi if hi is not None and hi <= MAX_KEY else None)]
@@ -449,20 +473,20 @@ def select_core_torch(
     """
     check_selection_args(top_t, selection)
     names = check_deltas(new_deltas, old_deltas)
-    # Lazy mappings (deltas computed on access, e.g. from LoRA factors) are read once per pass and not sampled.
-    sample = isinstance(new_deltas, dict) and isinstance(old_deltas, dict)
-    shapes = {n: tuple(new_deltas[n].shape) for n in names} if sample else delta_shapes(names, new_deltas)
+    # Lazy mappings (deltas computed on access) are read once per pass, and sampled only through `read_range`.
+    sample = samplable(new_deltas) and samplable(old_deltas)
+    shapes = delta_shapes(names, new_deltas)
     total = sum(math.prod(s) for s in shapes.values())
     window_fn = _window_fn(total)
     chunk = min(CHUNK, max(MIN_CHUNK, total // 128))  # chunk temporaries stay a small fraction of the deltas
     if selection == "global":
         picked = _select_scope(names, new_deltas, old_deltas, core_size(top_t, total), scale, sample, window_fn,
-                               chunk)
+                               chunk, shapes)
     else:
         picked = {}
         for name in names:
             k = core_size(top_t, math.prod(shapes[name]))
-            picked.update(_select_scope([name], new_deltas, old_deltas, k, scale, sample, window_fn, chunk))
+            picked.update(_select_scope([name], new_deltas, old_deltas, k, scale, sample, window_fn, chunk, shapes))
     core = {}
     for name in names:
         idx, vals = picked[name]

@@ -278,7 +278,7 @@ class _Selection:
             if scope.k and scope.numel > self.side_cap:
                 if worth_sampling(scope.numel):
                     scope_names = [m.name for m in scope.modules]
-                    sample = sample_keys(scope_names, new_deltas, old_deltas, scope.numel)
+                    sample = sample_keys(scope_names, new_deltas, old_deltas, shapes)
                     scope.lo, scope.hi = sampled_window(sample, scope.k, scope.numel)
                 else:
                     scope.hist = True

@@ -25,8 +25,8 @@ def free_port() -> int:
 
 def test_ddp_edit_saves_an_edit_that_loads_in_one_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               os.path.join(HERE, "ddp_edit_worker.py"), str(tmp_path)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), os.path.join(HERE, "ddp_edit_worker.py"), str(tmp_path)]
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     expected = torch.load(tmp_path / "expected.pt")
