@@ -78,7 +78,7 @@ def test_one_round_equals_hand_computed_reference():
 
 def test_rounds_stop_at_the_target_reliability():
     tokenizer = tiny_tokenizer()
-    args = EditArguments(max_rounds=10, epochs=4, learning_rate=1e-2, target_reliability=1.0)
+    args = EditArguments(strategy="paper", max_rounds=10, epochs=4, learning_rate=1e-2, target_reliability=1.0)
     edited, report = edit(tiny_llama(), tokenizer, TOY_FACTS, dft_peft.DFTConfig(top_t=0.2), args, progress=False)
     assert report.initial_reliability < 1.0
     assert report.rounds[-1].reliability >= 1.0 and len(report.rounds) < args.max_rounds

