@@ -473,7 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search", action="store_true", help="tune hyper-parameters on the disjoint split")
     parser.add_argument("--no-time-table", action="store_true")
     parser.add_argument("--notes", type=Path, help="a markdown file of findings to include in results.md")
+    parser.add_argument("--render", action="store_true",
+                        help="rewrite results.md and the plot from OUT/results.json (with --notes), running nothing")
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads((args.out / "results.json").read_text())
+        return write_results(args.out, results, args.notes, results["config"]["command"])
 
     formats = args.format or list(DATASETS)
     paths = args.data or [DEFAULT_DATA / DATASETS[f] for f in formats]
@@ -517,12 +522,22 @@ def main(argv: list[str] | None = None) -> int:
             results["time_table"] = time_table(base, tokenizer, paths[0], formats[0], args.cache,
                                                TIME_TABLE_SIZES, progress)
     results["config"]["total_seconds"] = time.perf_counter() - started
-    if args.notes:
-        results["notes"] = args.notes.read_text()
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    write_markdown(args.out, results, command)
-    plot(args.out, results)
-    print((args.out / "results.md").read_text())
+    return write_results(args.out, results, args.notes, command)
+
+
+def write_results(out: Path, results: dict, notes: Path | None, command: str) -> int:
+    """results.json (per dataset, plus each method's mean over the datasets under "methods"), results.md, the plot."""
+    if notes:
+        results["notes"] = notes.read_text()
+    results["methods"] = {
+        method: {key: statistics.mean(results["datasets"][d][method][key] for d in results["datasets"])
+                 for key in ("reliability", "generality", "locality", "seconds", "file_bytes")}
+        for method in results["config"]["methods"]
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_markdown(out, results, command)
+    plot(out, results)
+    print((out / "results.md").read_text())
     return 0
 
 

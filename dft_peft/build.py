@@ -7,17 +7,16 @@ import os
 from collections.abc import Callable
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors import safe_open
 from torch import nn
 
 from .config import DFTConfig
 from .core import select_core
+from .edit_file import WEIGHTS_NAME
 from .finetune import LazyDeltas, flat_range
 from .layer import DFTLayer
-from .model import DFTModel
-
-PEFT_PREFIX = "base_model.model."
+from .model import PEFT_PREFIX, DFTModel, adapter_to_edit
 
 
 class CheckpointReader:
@@ -91,7 +90,7 @@ def _lora_delta_fn(path: str, layers: dict[str, DFTLayer]) -> Callable[[str], to
         config = json.load(f)
     r, alpha = config["r"], config.get("lora_alpha", config["r"])
     scale = alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
-    reader = CheckpointReader(os.path.join(path, "adapter_model.safetensors"))
+    reader = CheckpointReader(os.path.join(path, WEIGHTS_NAME))
 
     def delta(name: str) -> torch.Tensor:
         weight = layers[name].get_base_layer().weight
@@ -128,25 +127,21 @@ def build_edit(
     Returns:
         A `PeftModel` whose adapter holds λ·core (the same as `select_core` + `add_core` on in-memory deltas).
     """
-    if isinstance(base, PeftModel):
-        if not isinstance(base.base_model, DFTModel):
-            raise ValueError(f"build_edit needs a DFT PeftModel, got one of type {base.peft_type}")
-        peft_model = base
-        if adapter_name not in peft_model.peft_config:
-            peft_model.add_adapter(adapter_name, config or DFTConfig())
-    else:
-        peft_model = get_peft_model(base, config or DFTConfig())
-    tuner: DFTModel = peft_model.base_model
-    config = peft_model.peft_config[adapter_name]
-    layers = tuner._layers_with(adapter_name)
-    old = checkpoint_deltas(old_checkpoint, layers)
-    new = checkpoint_deltas(new_checkpoint, layers)
-    # The fine-tunes started from θ = base + the edits already active: read the deltas against it.
-    active = [a for a in tuner.active_adapters if a in peft_model.peft_config]
-    peft_model.merge_adapter(active)
-    try:
-        core = select_core(new, old, config.top_t, config.selection)
-    finally:
-        peft_model.unmerge_adapter()
-    tuner.add_core(core, adapter_name=adapter_name, lam=config.lam)
+    with adapter_to_edit(base, config, adapter_name, "build_edit") as peft_model:
+        tuner: DFTModel = peft_model.base_model
+        config = peft_model.peft_config[adapter_name]
+        layers = tuner._layers_with(adapter_name)
+        old = checkpoint_deltas(old_checkpoint, layers)
+        new = checkpoint_deltas(new_checkpoint, layers)
+        # The fine-tunes started from θ = base + the edits already active: read the deltas against it.
+        active = [a for a in tuner.active_adapters if a in peft_model.peft_config]
+        peft_model.merge_adapter(active)
+        try:
+            core = select_core(new, old, config.top_t, config.selection)
+        finally:
+            peft_model.unmerge_adapter()
+        if not any(d.nnz for d in core.values()):
+            raise ValueError("the two checkpoints' deltas have no element of opposite signs (or top_t keeps none), so "
+                             "there is no core; the model is left as it was")
+        tuner.add_core(core, adapter_name=adapter_name, lam=config.lam)
     return peft_model

@@ -289,6 +289,8 @@ def cmd_edit(ns: argparse.Namespace) -> int:
     model, tokenizer = _load_model(ns)
     reference = locality_reference(model, tokenizer, requests, args.eval_batch_size)
     peft_model, report = edit(model, tokenizer, requests, config, args)
+    if int(os.environ.get("RANK", "0")) != 0:  # launched on several ranks: all hold the same edit, rank 0 saves it
+        return 0
     _print_report(report)
     size, edited = save_edit(peft_model, ns.output_dir)
     metrics = evaluate(peft_model, tokenizer, requests, reference=reference, batch_size=args.eval_batch_size)
@@ -644,3 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, OSError) as err:
             print(f"dft-peft {ns.command}: error: {err}", file=sys.stderr)
             return 1
+
+
+if __name__ == "__main__":  # `torchrun -m dft_peft.cli edit ...`; `accelerate launch` runs the `dft-peft` script
+    raise SystemExit(main())

@@ -10,7 +10,8 @@ import torch
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-SELECTIONS = ("global", "per_module")
+from .kernels.select_core_torch import SELECTIONS
+
 VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

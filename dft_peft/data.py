@@ -138,6 +138,16 @@ def requests_from_dicts(records: Iterable[Mapping[str, Any]]) -> list[EditReques
     return _convert(list(records), "json", None)
 
 
+def as_requests(requests: Iterable[EditRequest | Mapping[str, Any]], caller: str) -> list[EditRequest]:
+    """`EditRequest`s as given, dicts in the request schema converted; an empty list is an error."""
+    requests = list(requests)
+    if not requests:
+        raise ValueError(f"{caller} needs at least one request")
+    dicts = [r for r in requests if not isinstance(r, EditRequest)]
+    converted = iter(requests_from_dicts(dicts))
+    return [r if isinstance(r, EditRequest) else next(converted) for r in requests]
+
+
 def _read_records(path: Path) -> list[Any]:
     """The records of a JSON-list or JSON Lines file.
 

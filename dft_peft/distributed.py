@@ -30,6 +30,7 @@ import torch.distributed as dist
 from .kernels.select_core_torch import (
     CHUNK,
     MAX_KEY,
+    check_deltas,
     check_pair,
     check_selection_args,
     chunk_keys,
@@ -97,9 +98,7 @@ def _local_pieces(
     shapes: Mapping[str, tuple[int, ...]],
 ) -> list[_Piece]:
     """Check this rank's shards against each other and `numels`; return them in the tie-break (name) order."""
-    if set(new_shards) != set(old_shards):
-        missing = sorted(set(new_shards) ^ set(old_shards))
-        raise ValueError(f"Δnew and Δold shards must name the same modules; only one of them has {missing[:5]}")
+    check_deltas(new_shards, old_shards)
     order = {name: i for i, name in enumerate(sorted(shapes))}
     pieces = []
     for name in sorted(new_shards):

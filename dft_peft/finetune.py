@@ -40,6 +40,7 @@ class EpochBatches:
         self.generator = generator
 
     def __len__(self) -> int:
+        """Batches per epoch."""
         return -(-len(self.encoded) // self.batch_size)
 
     def __call__(self) -> list[Batch]:

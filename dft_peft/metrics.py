@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -20,7 +20,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .data import EditRequest
+from .data import EditRequest, as_requests
 
 METRICS = ("reliability", "generality", "locality")
 
@@ -66,14 +66,14 @@ class EditMetrics:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) for the duration, then each submodule's own previous mode.
+def module_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Training or eval mode for the duration, then each submodule's own previous mode.
 
     `model.train(was_training)` would not restore it: it sets one flag on every submodule, so a submodule a trainer
     keeps in eval mode (a frozen part, a reference copy) would come back in training mode.
     """
     modes = [(module, module.training) for module in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield
     finally:
@@ -178,7 +178,7 @@ def target_token_accuracy(
     encoded = encode_pairs(tokenizer, prompts, targets)
     if not encoded:
         return TokenAccuracy([], [])
-    with _eval_mode(model), torch.no_grad():
+    with module_mode(model, training=False), torch.no_grad():
         predictions = _argmax_at_targets(model, tokenizer, encoded, batch_size)
     accuracies = [
         sum(p == t for p, t in zip(pred, ids[n_prompt:])) / len(pred)
@@ -198,10 +198,13 @@ def _scatter(values: Iterable[Any], present: Sequence[bool]) -> list[Any]:
 
 
 def locality_reference(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest], batch_size: int = 16
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest | Mapping[str, Any]],
+    batch_size: int = 16,
 ) -> LocalityReference:
     """The pre-edit argmax tokens Locality compares against: call it on the model before editing it in place."""
-    pairs = _locality_pairs(requests)
+    pairs = _locality_pairs(as_requests(requests, "locality_reference"))
     present = [pair for pair in pairs if pair is not None]
     result = target_token_accuracy(model, tokenizer, [p for p, _ in present], [a for _, a in present], batch_size)
     predictions = _scatter((tuple(p) for p in result.predictions), [pair is not None for pair in pairs])
@@ -211,7 +214,7 @@ def locality_reference(
 def evaluate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    requests: Sequence[EditRequest],
+    requests: Sequence[EditRequest | Mapping[str, Any]],
     reference_model: nn.Module | None = None,
     *,
     reference: LocalityReference | None = None,
@@ -224,9 +227,7 @@ def evaluate(
     itself with its adapter disabled when it is a `PeftModel`. Without any of these, requests with a locality probe
     are an error.
     """
-    requests = list(requests)
-    if not requests:
-        raise ValueError("evaluate needs at least one request")
+    requests = as_requests(requests, "evaluate")
     if reference is not None and reference_model is not None:
         raise ValueError("Pass either reference_model or reference, not both")
     pairs = _locality_pairs(requests)

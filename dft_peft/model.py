@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
+from peft import PeftModel, get_peft_model
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
@@ -211,6 +213,49 @@ class DFTModel(BaseTuner):
         self._unload_and_optionally_merge(merge=False)
         for name, param in self.model.named_parameters():
             param.requires_grad_(self._base_requires_grad.get(name, param.requires_grad))
+
+
+@contextmanager
+def adapter_to_edit(
+    model: nn.Module, config: DFTConfig | None, adapter_name: str, caller: str
+) -> Iterator[PeftModel]:
+    """The DFT `PeftModel` whose adapter `adapter_name` an edit extends, all put back as it was if the block fails.
+
+    A plain model is wrapped (`get_peft_model`, adapter "default"); a DFT `PeftModel` gets the adapter if it lacks
+    it. On an error the wrapping or the new adapter is removed, or an existing adapter's values are restored (copies:
+    training the core changes the live values in place), and the active adapters are set back.
+    """
+    if isinstance(model, PeftModel):
+        if not isinstance(model.base_model, DFTModel):
+            raise ValueError(f"{caller} needs a DFT PeftModel, got one of type {model.peft_type}")
+        peft_model, existed = model, adapter_name in model.peft_config
+        if not existed:
+            model.add_adapter(adapter_name, config or DFTConfig())
+    else:
+        if adapter_name != "default":
+            raise ValueError(f"a new DFT model's adapter is named 'default'; pass a PeftModel to {caller} another "
+                             "adapter")
+        try:
+            peft_model, existed = get_peft_model(model, config or DFTConfig()), False
+        except ValueError as err:
+            raise ValueError(f"the model has none of the modules DFTConfig.target_modules names: {err}") from err
+    tuner: DFTModel = peft_model.base_model
+    active = list(tuner.active_adapters)
+    before = {}
+    if existed:
+        before = {name: SparseDelta(d.indices.clone(), d.values.detach().clone(), d.shape)
+                  for name, d in tuner.get_core(adapter_name).items()}
+    try:
+        yield peft_model
+    except BaseException:
+        tuner.set_adapter(active)
+        if existed:
+            layers = tuner.dft_layers()
+            for name, delta in before.items():
+                layers[name].set_sparse_delta(adapter_name, delta)
+        else:
+            tuner._rollback(adapter_name)
+        raise
 
 
 def _named_dft_layers(model: nn.Module) -> dict[str, DFTLayer]:

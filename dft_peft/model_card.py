@@ -7,8 +7,9 @@ import os
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 
+from .edit_file import WEIGHTS_NAME
+
 TAGS = ("dft", "knowledge-editing")
-WEIGHTS_NAME = "adapter_model.safetensors"
 SECTION = "## DFT edit"
 
 

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..sparse import SparseDelta, index_dtype
+from ..sparse import INT32_LIMIT, SparseDelta, index_dtype
 from .select_core_torch import (
     FLT_MIN,
     MAX_KEY,
@@ -58,7 +58,6 @@ BINS = 256  # histogram bins per narrowing pass (8 bits of key)
 SIDE_MIN = 1 << 20  # side-list slots: max(SIDE_MIN, numel // SIDE_FRACTION)
 SIDE_FRACTION = 64
 NO_KEY = 0x7FFFFFFF  # a threshold above every key: selects nothing
-_INT32_LIMIT = 2**31
 
 _FLT_MIN = tl.constexpr(FLT_MIN)
 _FLT_MAX = tl.constexpr(torch.finfo(torch.float32).max)
@@ -185,7 +184,7 @@ def _layout(t: torch.Tensor) -> tuple[bool, int, int, int] | None:
 def _launch_args(new: torch.Tensor, old: torch.Tensor, numel: int) -> tuple[list, dict]:
     """Positional tensors and layout scalars, constexprs and launch options shared by both kernels (one module)."""
     args, consts = [None, None], {"BLOCK": BLOCK, "num_warps": 8}
-    idx64 = numel >= _INT32_LIMIT
+    idx64 = numel >= INT32_LIMIT
     for i, (t, flag) in enumerate(((new, "NEW_CONTIG"), (old, "OLD_CONTIG"))):
         layout = _layout(t)
         if layout is None:
@@ -194,7 +193,7 @@ def _launch_args(new: torch.Tensor, old: torch.Tensor, numel: int) -> tuple[list
         args[i] = t
         args.extend(layout[1:])
         consts[flag] = layout[0]
-        idx64 |= 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) >= _INT32_LIMIT
+        idx64 |= 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) >= INT32_LIMIT
     consts["IDX64"] = idx64
     return args, consts
 
@@ -396,8 +395,8 @@ class _Selection:
         wanted[scopes] = True
         keep = wanted[scope]
         key, tile, scope = key[keep], tile[keep], scope[keep]
-        ordered = torch.sort(scope * _INT32_LIMIT + (NO_KEY - key)).values
-        ordered_key = NO_KEY - ordered % _INT32_LIMIT
+        ordered = torch.sort(scope * INT32_LIMIT + (NO_KEY - key)).values
+        ordered_key = NO_KEY - ordered % INT32_LIMIT
         count = torch.bincount(scope, minlength=len(self.scopes))
         start = count.cumsum(0) - count
         chosen = torch.tensor(scopes, device=self.device)

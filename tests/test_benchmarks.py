@@ -31,5 +31,14 @@ def test_knowledge_update_quick(tmp_path):
             assert 0 <= row["reliability"] <= 100 and 0 <= row["generality"] <= 100, name
             assert row["curve"], name
         assert methods["DFT_FT"]["file_bytes"] < methods["Full-FT"]["file_bytes"] / 10
+    assert set(results["methods"]) == set(results["datasets"]["zsre"])
     assert (tmp_path / "results.md").read_text().count("| zsre |") == 6
     assert (tmp_path / "knowledge_update.png").stat().st_size > 10_000
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("DFT_FT findings, written after the run.")
+    render = subprocess.run([sys.executable, SCRIPT, "--render", "--out", str(tmp_path), "--notes", str(notes)],
+                            capture_output=True, text=True, timeout=300)
+    assert render.returncode == 0, render.stderr[-3000:]
+    assert "## Findings\n\nDFT_FT findings, written after the run." in (tmp_path / "results.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["notes"] == notes.read_text()

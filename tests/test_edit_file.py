@@ -83,7 +83,13 @@ def load_must_fail(edit_dir, message: str, base=None, **kwargs) -> None:
 
 
 def test_valid_file_loads(edit_dir):
-    PeftModel.from_pretrained(tiny_llama(), edit_dir)
+    """The untouched file loads, with the saved core: the hostile cases below differ from it only by their change."""
+    saved = get_peft_model(tiny_llama(), dft_peft.DFTConfig(top_t=0.05))
+    saved.add_core(random_core(saved, density=0.05))  # the fixture's core: random_core is seeded
+    loaded = PeftModel.from_pretrained(tiny_llama(), edit_dir).base_model.get_core()
+    for name, delta in saved.base_model.get_core().items():
+        assert torch.equal(loaded[name].indices, delta.indices)
+        assert torch.equal(loaded[name].values, delta.values)
 
 
 def test_index_out_of_range(edit_dir):

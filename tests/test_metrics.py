@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -149,6 +150,12 @@ def test_evaluate_matches_reference(edited, pre_edit, tokenizer, batch_size):
         assert getattr(metrics, name) == pytest.approx(sum(values) / len(values))
     localities = [row["locality"] for row in metrics.per_request if row["locality"] is not None]
     assert min(localities) < 1.0 and max(localities) > 0.0  # the perturbation changed some predictions, not all
+
+
+def test_evaluate_accepts_dicts_in_the_request_schema(edited, pre_edit, tokenizer):
+    dicts = [dataclasses.asdict(r) for r in REQUESTS]
+    reference = locality_reference(pre_edit, tokenizer, dicts)
+    assert evaluate(edited, tokenizer, dicts, reference=reference) == evaluate(edited, tokenizer, REQUESTS, pre_edit)
 
 
 def test_locality_reference_before_in_place_edit(pre_edit, edited, tokenizer):
