@@ -15,6 +15,9 @@ from __future__ import annotations
 import os
 import sys
 
+# A sibling module, imported before this folder leaves sys.path.
+from llama_shapes import layer_shapes, model_shapes, projection_names
+
 # benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder off the path.
 sys.path.remove(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,23 +44,15 @@ DENSITIES = (0.1, 0.05, 0.01, 0.001)
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS = 576, 1536, 9, 3  # SmolLM2-135M
 KV_DIM = HIDDEN // HEADS * KV_HEADS
 # (out, in) of each targeted module of one decoder layer, keyed by its name under `model.layers.<i>.`.
-LAYER_SHAPES = {
-    "self_attn.q_proj": (HIDDEN, HIDDEN),
-    "self_attn.k_proj": (KV_DIM, HIDDEN),
-    "self_attn.v_proj": (KV_DIM, HIDDEN),
-    "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (INTERMEDIATE, HIDDEN),
-    "mlp.up_proj": (INTERMEDIATE, HIDDEN),
-    "mlp.down_proj": (HIDDEN, INTERMEDIATE),
-}
-TARGETS = sorted({name.rpartition(".")[2] for name in LAYER_SHAPES})
+LAYER_SHAPES = layer_shapes(HIDDEN, KV_DIM, INTERMEDIATE)
+TARGETS = projection_names(LAYER_SHAPES)
 FP32, BF16 = 4, 2
 INT32_FP32 = 4 + FP32  # Super-Tuning's layout, as the project describes it: one int32 flat index + one fp32 value
 SHIRA = 2 * 4 + FP32  # PEFT's SHiRA: (row, col) as int32 (`torch.where(...)` cast `.to(torch.int)`) + fp32 weight
 
 
 def module_shapes(layers: int) -> dict[str, tuple[int, int]]:
-    return {f"model.layers.{i}.{name}": shape for i in range(layers) for name, shape in LAYER_SHAPES.items()}
+    return model_shapes(LAYER_SHAPES, layers)
 
 
 def random_core(

@@ -17,6 +17,9 @@ Definitions:
 import os
 import sys
 
+# A sibling module, imported before this folder leaves sys.path.
+from llama_shapes import layer_shapes
+
 sys.path.remove(os.path.dirname(os.path.abspath(__file__)))  # this file's name would shadow the `kernels` package
 
 import argparse
@@ -52,9 +55,7 @@ def parse_size(text: str) -> int:
 def module_shapes(target: int) -> dict[str, tuple[int, int]]:
     """Llama-style projection shapes, layer after layer, until `target` elements are reached."""
     hidden, kv, inter = next(dims for limit, dims in FAMILIES if limit is None or target <= limit)
-    layer = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
-             "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
-             "mlp.down_proj": (hidden, inter)}
+    layer = layer_shapes(hidden, kv, inter)
     shapes, total, i = {}, 0, 0
     while total < target:
         for name, shape in layer.items():

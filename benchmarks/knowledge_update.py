@@ -255,16 +255,21 @@ def summarize(outcomes: list[Outcome]) -> dict:
     return out
 
 
+def prepared(base, tokenizer, path: Path, fmt: str, n: int, seed: int, cache: Path, tune: bool):
+    """The split's requests, its original model (cached) and the locality reference taken on it."""
+    requests = split_requests(path, fmt, n, seed, tune=tune)
+    key = {"data": str(path), "format": fmt, "n": n, "seed": seed, "hp": HYPERPARAMS["original"],
+           "model": base.name_or_path, "split": "tune" if tune else "report"}
+    original = original_model(base, tokenizer, requests, cache, key)
+    return requests, original, locality_reference(original, tokenizer, requests)
+
+
 def run_dataset(base, tokenizer, path: Path, fmt: str, n: int, seeds: int, methods: list[str], cache: Path,
                 trace: bool, top_t_sweep: list[float], progress: tqdm) -> dict:
     results: dict[str, list[Outcome]] = {m: [] for m in methods}
     sweep: list[dict] = []
     for seed in range(seeds):
-        requests = split_requests(path, fmt, n, seed, tune=False)
-        key = {"data": str(path), "format": fmt, "n": n, "seed": seed, "hp": HYPERPARAMS["original"],
-               "model": base.name_or_path, "split": "report"}
-        original = original_model(base, tokenizer, requests, cache, key)
-        reference = locality_reference(original, tokenizer, requests)
+        requests, original, reference = prepared(base, tokenizer, path, fmt, n, seed, cache, tune=False)
         for method in methods:
             progress.set_description(f"{fmt} seed {seed}: {method}")
             hp = dict(HYPERPARAMS.get(method, {}))
@@ -288,11 +293,7 @@ def time_table(base, tokenizer, path: Path, fmt: str, cache: Path, sizes: tuple[
     """Edit seconds for 1, 10 and 100 edits: DFT_FT against Full-FT and FT-c (Table 3), untraced."""
     table = {}
     for n in sizes:
-        requests = split_requests(path, fmt, n, 0, tune=False)
-        key = {"data": str(path), "format": fmt, "n": n, "seed": 0, "hp": HYPERPARAMS["original"],
-               "model": base.name_or_path, "split": "report"}
-        original = original_model(base, tokenizer, requests, cache, key)
-        reference = locality_reference(original, tokenizer, requests)
+        requests, original, reference = prepared(base, tokenizer, path, fmt, n, 0, cache, tune=False)
         row = {}
         for method in ("Full-FT", "FT-c", "DFT_FT"):
             progress.set_description(f"time table: {n} edits, {method}")
@@ -311,11 +312,7 @@ def time_table(base, tokenizer, path: Path, fmt: str, cache: Path, sizes: tuple[
 def search(base, tokenizer, path: Path, fmt: str, n: int, cache: Path, grid: dict[str, list[dict]],
            progress: tqdm) -> dict:
     """Evaluate each method's candidate hyper-parameters on the tuning split (disjoint from reported requests)."""
-    requests = split_requests(path, fmt, n, 0, tune=True)
-    key = {"data": str(path), "format": fmt, "n": n, "seed": 0, "hp": HYPERPARAMS["original"],
-           "model": base.name_or_path, "split": "tune"}
-    original = original_model(base, tokenizer, requests, cache, key)
-    reference = locality_reference(original, tokenizer, requests)
+    requests, original, reference = prepared(base, tokenizer, path, fmt, n, 0, cache, tune=True)
     rows = {}
     for method, candidates in grid.items():
         rows[method] = []

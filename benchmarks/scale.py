@@ -27,6 +27,9 @@ writes benchmarks/results/scale.{json,md,png}.
 import os
 import sys
 
+# A sibling module, imported before this folder leaves sys.path.
+from llama_shapes import layer_shapes, model_shapes, projection_names
+
 sys.path.remove(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/kernels.py would shadow `kernels`
 
 import argparse
@@ -48,17 +51,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 HIDDEN, KV_DIM, INTERMEDIATE = 2048, 512, 8192  # Llama-3.2-1B
-LAYER_SHAPES = {  # (out, in) of each projection, keyed by its name under `model.layers.<i>.`
-    "self_attn.q_proj": (HIDDEN, HIDDEN),
-    "self_attn.k_proj": (KV_DIM, HIDDEN),
-    "self_attn.v_proj": (KV_DIM, HIDDEN),
-    "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (INTERMEDIATE, HIDDEN),
-    "mlp.up_proj": (INTERMEDIATE, HIDDEN),
-    "mlp.down_proj": (HIDDEN, INTERMEDIATE),
-}
+LAYER_SHAPES = layer_shapes(HIDDEN, KV_DIM, INTERMEDIATE)
 LAYER_PARAMS = sum(o * i for o, i in LAYER_SHAPES.values())
-TARGETS = sorted({name.rpartition(".")[2] for name in LAYER_SHAPES})
+TARGETS = projection_names(LAYER_SHAPES)
 DTYPE = torch.bfloat16
 WEIGHT_STD, DELTA_STD = 0.02, 1e-3  # the delta spans ~8 bf16 steps of a typical weight, so few deltas round to 0
 SHARD_BYTES = 1 << 30
@@ -78,7 +73,7 @@ NOTES = """\
 # --- checkpoints --------------------------------------------------------------------------------------------------
 
 def module_shapes(layers: int) -> dict[str, tuple[int, int]]:
-    return {f"model.layers.{i}.{name}": shape for i in range(layers) for name, shape in LAYER_SHAPES.items()}
+    return model_shapes(LAYER_SHAPES, layers)
 
 
 def write_checkpoints(workdir: str, layers: int, seed: int) -> dict[str, list[str]]:

@@ -143,5 +143,5 @@ def build_edit(
         if not any(d.nnz for d in core.values()):
             raise ValueError("the two checkpoints' deltas have no element of opposite signs (or top_t keeps none), so "
                              "there is no core; the model is left as it was")
-        tuner.add_core(core, adapter_name=adapter_name, lam=config.lam)
+        tuner.add_core(core, adapter_name=adapter_name, lam=config.lam, consume=True)
     return peft_model

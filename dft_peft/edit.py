@@ -303,7 +303,7 @@ def _run(
                         f"top_t={config.top_t} keeps ⌊top_t · parameters⌋ = 0 elements of the targeted modules; "
                         "the model is left as it was (raise top_t)"
                     )
-                tuner.add_core(core, adapter_name=adapter_name, lam=config.lam)
+                tuner.add_core(core, adapter_name=adapter_name, lam=config.lam, consume=True)
                 del new_deltas, core
                 if not args.reuse_old_delta:
                     old_deltas = None

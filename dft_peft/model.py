@@ -105,19 +105,23 @@ class DFTModel(BaseTuner):
         return {name: layer.sparse_delta(adapter_name) for name, layer in self._layers_with(adapter_name).items()}
 
     def add_core(
-        self, core: Mapping[str, SparseDelta], adapter_name: str = "default", lam: float | None = None
+        self, core: Mapping[str, SparseDelta], adapter_name: str = "default", lam: float | None = None, *,
+        consume: bool = False,
     ) -> None:
         """Accumulate `lam · core` into an adapter: union of indices, values summed where they coincide.
 
         `core` maps module names (as the base model's `named_modules()` gives them, PEFT's `base_model.model.`
         prefix accepted) to `SparseDelta`s. Everything is validated before anything changes. `lam` defaults to
-        the adapter config's `lam`.
+        the adapter config's `lam`. With `consume=True` (a dict the caller drops anyway) each module's delta leaves
+        `core` as the adapter takes its copy, so a large core is never held twice.
         """
         layers = self._layers_with(adapter_name)
         lam = self.peft_config[adapter_name].lam if lam is None else lam
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam < float("inf"):
             raise ValueError(f"lam (λ) must be a finite number > 0, got {lam!r}")
-        core = normalize_core_names(core)
+        if consume and not isinstance(core, dict):
+            raise TypeError(f"add_core(consume=True) needs a dict it can empty, got {type(core).__name__}")
+        given, core = core, normalize_core_names(core)
         for name, delta in core.items():
             if name not in layers:
                 raise ValueError(f"core names module {name!r}, which has no DFT adapter {adapter_name!r} "
@@ -129,9 +133,13 @@ class DFTModel(BaseTuner):
             delta.validate(f"core[{name!r}]")
             if adapter_name in layer.merged_adapters:
                 raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before add_core")
-        for name, delta in core.items():
+        if consume:
+            given.clear()  # the validated deltas are now held only here, and leave one module at a time
+        for name in list(core):
+            delta = core.pop(name)
             if delta.nnz:
                 layers[name].add_sparse_delta(adapter_name, delta.scaled(lam) if lam != 1 else delta)
+            del delta
 
     def add_weighted_adapter(
         self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str

@@ -6,6 +6,7 @@ import copy
 import importlib
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -291,6 +292,23 @@ def test_add_core_accumulates_and_scales():
     assert core.indices.tolist() == [1, 5, 7, 9]
     assert core.values.tolist() == [1.0, 7.0, 10.0, 3.0]
     assert core.indices.dtype == torch.int32
+
+
+def test_add_core_consume_empties_the_dict_only_once_all_is_valid():
+    _, model = make("llama", "all-linear")
+    core = random_core(model, density=0.05)
+    expected = {n: (d.indices.clone(), d.values.clone()) for n, d in core.items()}
+    bad = {**core, "model.layers.0.no_such_module": next(iter(core.values()))}
+    with pytest.raises(ValueError, match="no_such_module"):
+        model.add_core(bad, consume=True)
+    assert len(bad) == len(core) + 1  # refused: nothing consumed
+    model.add_core(core, lam=2.0, consume=True)
+    assert core == {}
+    for name, delta in model.base_model.get_core().items():
+        assert torch.equal(delta.indices, expected[name][0])
+        assert torch.equal(delta.values, 2.0 * expected[name][1])
+    with pytest.raises(TypeError, match="dict"):
+        model.add_core(types.MappingProxyType(dict(random_core(model))), consume=True)
 
 
 @pytest.mark.parametrize(
