@@ -183,6 +183,32 @@ def iter_chunk_pairs(new: torch.Tensor, old: torch.Tensor, chunk: int | None = N
     yield from ((start, a, b) for (start, a), (_, b) in zip(iter_chunks(new, chunk), iter_chunks(old, chunk)))
 
 
+def iter_delta_chunks(
+    new_deltas: Mapping[str, torch.Tensor], old_deltas: Mapping[str, torch.Tensor], name: str,
+    shape: tuple[int, ...], chunk: int,
+):
+    """(flat offset, Δnew chunk, Δold chunk) over one module, each pair checked with `check_pair`.
+
+    Lazy mappings that can `read_range` are read a block of whole rows at a time, so a delta computed on access (a
+    checkpoint minus the base, LoRA factors) never exists whole; tensors are chunked by `iter_chunk_pairs`.
+    """
+    if isinstance(new_deltas, dict) or isinstance(old_deltas, dict) or not (
+        samplable(new_deltas) and samplable(old_deltas)
+    ):
+        new, old = new_deltas[name], old_deltas[name]
+        check_pair(name, new, old)
+        yield from iter_chunk_pairs(new, old, chunk)
+        return
+    numel = math.prod(shape)
+    row = numel // shape[0] if len(shape) > 1 and shape[0] else 1
+    step = max(1, chunk // max(row, 1)) * row
+    for start in range(0, numel, step):
+        length = min(step, numel - start)
+        new, old = read_range(new_deltas, name, start, length), read_range(old_deltas, name, start, length)
+        check_pair(name, new, old)
+        yield start, new, old
+
+
 def gather_flat(tensor: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The elements of `tensor` at row-major flat indices `idx`, without copying `tensor`."""
     if tensor.dim() <= 1 or tensor.is_contiguous():
@@ -288,6 +314,7 @@ def _stream_pass(
     scale: float,
     window_fn: Callable,
     chunk: int,
+    shapes: dict[str, tuple[int, ...]],
     sure: int | None = None,
 ) -> _Buffer:
     """One streaming pass over `names` collecting the top k candidates whose key lies in [lo, hi) (not yet cut).
@@ -303,13 +330,11 @@ def _stream_pass(
     lo_bound, hi_bound = key_bound(lo), key_bound(min(hi, MAX_KEY + 1) - 1)
     window = torch.empty(0)
     for rank, name in enumerate(names):
-        new, old = new_deltas[name], old_deltas[name]
-        check_pair(name, new, old)
-        buffer.device = new.device
-        idx_dtype = index_dtype(new.numel())
-        for start, new_chunk, old_chunk in iter_chunk_pairs(new, old, chunk):
-            if window.numel() < new_chunk.numel() or window.device != new.device:
-                window = torch.empty(max(chunk, new_chunk.numel()), device=new.device)
+        idx_dtype = index_dtype(math.prod(shapes[name]))
+        for start, new_chunk, old_chunk in iter_delta_chunks(new_deltas, old_deltas, name, shapes[name], chunk):
+            buffer.device = new_chunk.device
+            if window.numel() < new_chunk.numel() or window.device != new_chunk.device:
+                window = torch.empty(max(chunk, new_chunk.numel()), device=new_chunk.device)
             keys = window[: new_chunk.numel()]
             if bool(window_fn(new_chunk, old_chunk, lo_bound, hi_bound, keys)):
                 raise_nonfinite(name)
@@ -419,7 +444,7 @@ def _select_scope(
     if sample and k and worth_sampling(total):
         lo, hi = sampled_window(sample_keys(names, new_deltas, old_deltas, shapes), k, total)
     stream = functools.partial(_stream_pass, names, new_deltas, old_deltas, scale=scale, window_fn=window_fn,
-                               chunk=chunk)
+                               chunk=chunk, shapes=shapes)
     buffers = [stream(k, lo, MAX_KEY + 1, sure=hi if hi is not None and hi <= MAX_KEY else None)]
     if buffers[0].size < k and lo > 1:  # the sampled floor was too high: fetch the best of the rest
         buffers.append(stream(k - buffers[0].size, 1, lo))

@@ -67,6 +67,24 @@ class LazyDeltas(Mapping):
         return len(self.deltas)
 
 
+class RangeReadDeltas(LazyDeltas):
+    """A lazy mapping that can read flat ranges (as checkpoint and LoRA deltas do); counts whole-module reads."""
+
+    def __init__(self, deltas: dict[str, torch.Tensor]) -> None:
+        super().__init__(deltas)
+        self.whole_reads = 0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        self.whole_reads += 1
+        return self.deltas[name]
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self.deltas[name].shape)
+
+    def read_range(self, name: str, start: int, length: int) -> torch.Tensor:
+        return self.deltas[name].reshape(-1)[start : start + length]
+
+
 def rand(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32, levels: int | None = None):
     x = torch.randn(shape, generator=gen)
     if levels:  # few distinct magnitudes: many exact ties
@@ -280,6 +298,20 @@ def test_select_lazy_mapping(gen, monkeypatch):
         triton_module = importlib.import_module("dft_peft.kernels.select_core_triton")
         got = triton_module.select_core_triton(LazyDeltas(to_device(new)), LazyDeltas(to_device(old)), 0.05)
         assert_same_core(got, select_core_naive(new, old, 0.05), "triton")
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_select_range_readable_mapping_never_reads_a_whole_module(gen, monkeypatch, sampled):
+    """Deltas computed on access are streamed block by block of rows (memory O(chunk), not O(module))."""
+    monkeypatch.setattr(select_torch, "CHUNK", 128)
+    if sampled:
+        monkeypatch.setattr(select_torch, "SAMPLE", 256)
+    new, old = sized_deltas(gen, [(40, 50), (3000,), (25, 40), (7, 300)])
+    for selection in ("global", "per_module"):
+        lazy_new, lazy_old = RangeReadDeltas(new), RangeReadDeltas(old)
+        got = select_core_torch(lazy_new, lazy_old, 0.05, selection)
+        assert_same_core(got, select_core_naive(new, old, 0.05, selection), selection)
+        assert lazy_new.whole_reads == lazy_old.whole_reads == 0
 
 
 # --- the CPU (torch) path's own machinery ----------------------------------------------------------------------
