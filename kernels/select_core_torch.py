@@ -364,7 +364,7 @@ def sample_keys(
     shapes: dict[str, tuple[int, ...]],
 ) -> torch.Tensor:
     """Keys of SAMPLE elements of the scope in SAMPLE // RUN runs of RUN consecutive elements at uniformly drawn
-    positions (fixed seed), on the CPU, sorted descending.
+    positions (fixed seed), on the CPU: a (runs, RUN) int32 tensor, -1 past the end of a module.
 
     Runs rather than single elements: a lazy mapping (a checkpoint, LoRA factors) reads a few rows per run instead of
     whole modules. Whatever the sample, the result is exact; a sample that misleads costs a second pass.
@@ -374,15 +374,17 @@ def sample_keys(
     total = sum(sizes)
     starts = torch.randint(0, total, (max(1, SAMPLE // RUN),), generator=gen).sort().values
     bounds = torch.tensor([0, *sizes]).cumsum(0)
-    keys = []
+    runs = torch.full((starts.numel(), RUN), -1, dtype=torch.int32)
+    row = 0
     for i, name in enumerate(names):
         lo, hi = int(torch.searchsorted(starts, bounds[i])), int(torch.searchsorted(starts, bounds[i + 1]))
         for start in (starts[lo:hi] - bounds[i]).tolist():
             length = min(RUN, sizes[i] - start)
             new = read_range(new_deltas, name, start, length)
             old = read_range(old_deltas, name, start, length)
-            keys.append(chunk_keys(new, old)[0].cpu())
-    return torch.cat(keys).sort(descending=True).values
+            runs[row, :length] = chunk_keys(new, old)[0].cpu()
+            row += 1
+    return runs
 
 
 def read_range(deltas: Mapping[str, torch.Tensor], name: str, start: int, length: int) -> torch.Tensor:
@@ -399,21 +401,47 @@ def samplable(deltas: Mapping[str, torch.Tensor]) -> bool:
     return isinstance(deltas, dict) or getattr(deltas, "read_range", None) is not None
 
 
-def sampled_window(sample: torch.Tensor, k: int, total: int) -> tuple[int, int]:
+def sampled_window(sample: torch.Tensor, k: int, total: int, z: float = 4.0) -> tuple[int, int]:
     """A key window [lo, hi) that holds the scope's k-th largest key with high probability.
 
-    The k-th key's rank in the sample is about binomial around k·len(sample)/total; the window spans ±(4σ + 8)
-    ranks, so it misses with probability < 1e-4 (for independent draws) and holds about 8σ/len(sample) of the
-    elements. `lo` is 1 (every candidate) and `hi` past MAX_KEY (no upper cut) where the sample cannot bound that
-    side.
+    `sample` holds runs of keys (`sample_keys`). The fraction of the scope whose key is ≥ t is estimated as a ratio
+    over the runs, with its standard error taken from the spread between runs: the elements of a run share a module
+    and rows, so they vary together (deltas differ in scale between modules and rows), and counting them as
+    independent draws would make the window too narrow. `lo` is the largest sampled key whose estimate minus
+    z standard errors (and 8 elements) still reaches k/total, `hi` the smallest one whose estimate plus that margin
+    falls below it; `lo` is 1 (every candidate) and `hi` past MAX_KEY (no upper cut) where the sample cannot bound
+    that side.
     """
-    size = sample.numel()
-    expected = k * size / total
-    margin = 4.0 * math.sqrt(expected) + 8
-    low_rank, high_rank = math.ceil(expected + margin), math.floor(expected - margin)
-    lo = int(sample[low_rank]) if low_rank < size else 0
-    hi = int(sample[high_rank]) + 1 if high_rank >= 0 else MAX_KEY + 1
-    return max(lo, 1), max(hi, max(lo, 1) + 1)
+    present = sample >= 0
+    sizes = present.sum(1, dtype=torch.float64)
+    runs, elements = sample.shape[0], float(sizes.sum())
+    target = k / total
+
+    def estimate(t: int, sign: float) -> float:
+        counts = (sample >= t).sum(1, dtype=torch.float64)
+        p = float(counts.sum()) / elements
+        spread = float(((counts - p * sizes) ** 2).sum()) * runs / max(runs - 1, 1)
+        return p + sign * (z * math.sqrt(spread) / elements + 8 / elements)
+
+    candidates = sample[sample > 0].unique(sorted=True).tolist()  # ascending: the estimates fall along it
+    lo = last_index(candidates, lambda t: estimate(t, -1.0) >= target)
+    hi = last_index(candidates, lambda t: estimate(t, 1.0) >= target) + 1
+    lo_key = candidates[lo] if lo >= 0 else 1
+    hi_key = candidates[hi] if hi < len(candidates) else MAX_KEY + 1
+    return max(lo_key, 1), max(hi_key, max(lo_key, 1) + 1)
+
+
+def last_index(values: list[int], holds: Callable[[int], bool]) -> int:
+    """The last index where `holds` is true, for a predicate true up to some point of `values` (-1: nowhere)."""
+    first, last = 0, len(values) - 1
+    found = -1
+    while first <= last:
+        mid = (first + last) // 2
+        if holds(values[mid]):
+            found, first = mid, mid + 1
+        else:
+            last = mid - 1
+    return found
 
 
 def delta_shapes(names: list[str], deltas: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

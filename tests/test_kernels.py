@@ -314,6 +314,25 @@ def test_select_range_readable_mapping_never_reads_a_whole_module(gen, monkeypat
         assert lazy_new.whole_reads == lazy_old.whole_reads == 0
 
 
+def test_sampled_window_allows_for_clustered_runs(monkeypatch):
+    """Rows of very different scales (as real deltas have): the sampled runs of one row vary together, and the window
+    must allow for it, so one pass suffices; the result is exact either way. (Counting the runs' elements as
+    independent draws missed the threshold on some of these inputs.)"""
+    passes = []
+    stream = select_torch._stream_pass
+    monkeypatch.setattr(select_torch, "_stream_pass", lambda *a, **kw: passes.append(1) or stream(*a, **kw))
+    for seed in range(8):
+        gen = torch.Generator().manual_seed(seed)
+        new, old = {}, {}
+        for m in range(24):
+            rows = 10 ** (2 * torch.rand(256, 1, generator=gen)) * 1e-3
+            new[f"m{m:02d}"], old[f"m{m:02d}"] = (torch.randn(256, 256, generator=gen) * rows for _ in range(2))
+        passes.clear()
+        got = select_core_torch(new, old, 0.05)
+        assert_same_core(got, select_core_naive(new, old, 0.05), "global")
+        assert len(passes) == 1, f"seed {seed}: the sampled window missed the threshold"
+
+
 # --- the CPU (torch) path's own machinery ----------------------------------------------------------------------
 
 
