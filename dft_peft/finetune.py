@@ -176,7 +176,8 @@ class LazyDeltas(Mapping[str, torch.Tensor]):
     """A read-only mapping that computes each module's delta when it is read, so only one is in memory at a time.
 
     `read_range(name, start, length)`, when given, returns flat elements [start, start + length) of a delta without
-    computing the whole module: core selection then samples its threshold cheaply.
+    computing the whole module: core selection then samples its threshold cheaply and streams each module a block
+    of rows at a time.
     """
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], compute: Callable[[str], torch.Tensor],

@@ -393,6 +393,8 @@ def read_range(deltas: Mapping[str, torch.Tensor], name: str, start: int, length
     if reader is not None:
         return reader(name, start, length)
     tensor = deltas[name]
+    if tensor.is_contiguous():
+        return tensor.reshape(-1)[start : start + length]
     return gather_flat(tensor, torch.arange(start, start + length, device=tensor.device))
 
 
