@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -26,6 +27,7 @@ class CheckpointReader:
     def __init__(self, path: str) -> None:
         self.path = path
         self.files: dict[str, str] = {}
+        self.handles: dict[str, Any] = {}
         if os.path.isfile(path):
             if not path.endswith(".safetensors"):
                 raise ValueError(f"{path}: checkpoints are read from safetensors files only")
@@ -51,8 +53,11 @@ class CheckpointReader:
         """A tensor, or only its `rows` (a slice of the first dimension)."""
         if name not in self.files:
             raise ValueError(f"{self.path}: the checkpoint has no tensor {name!r}")
-        with safe_open(self.files[name], framework="pt") as f:
-            return f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
+        file = self.files[name]
+        if file not in self.handles:  # opened once: selection reads thousands of row blocks and sampled runs
+            self.handles[file] = safe_open(file, framework="pt")
+        handle = self.handles[file]
+        return handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
 
 
 def _is_lora_adapter(path: str) -> bool:

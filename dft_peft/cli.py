@@ -287,9 +287,10 @@ def cmd_edit(ns: argparse.Namespace) -> int:
     args, config = edit_arguments(ns), dft_config(ns)
     requests = _load_requests(ns)
     model, tokenizer = _load_model(ns)
-    reference = locality_reference(model, tokenizer, requests, args.eval_batch_size)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # launched on several ranks, all end with the same edit
+    reference = locality_reference(model, tokenizer, requests, args.eval_batch_size) if main_rank else None
     peft_model, report = edit(model, tokenizer, requests, config, args)
-    if int(os.environ.get("RANK", "0")) != 0:  # launched on several ranks: all hold the same edit, rank 0 saves it
+    if not main_rank:  # rank 0 alone reports and saves
         return 0
     _print_report(report)
     size, edited = save_edit(peft_model, ns.output_dir)

@@ -143,9 +143,8 @@ def as_requests(requests: Iterable[EditRequest | Mapping[str, Any]], caller: str
     requests = list(requests)
     if not requests:
         raise ValueError(f"{caller} needs at least one request")
-    dicts = [r for r in requests if not isinstance(r, EditRequest)]
-    converted = iter(requests_from_dicts(dicts))
-    return [r if isinstance(r, EditRequest) else next(converted) for r in requests]
+    return [r if isinstance(r, EditRequest) else _to_request(r, "json", f"record[{i}]")
+            for i, r in enumerate(requests)]
 
 
 def _read_records(path: Path) -> list[Any]:

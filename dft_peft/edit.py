@@ -21,7 +21,7 @@ from .config import DFTConfig
 from .core import select_core
 from .data import EditRequest, as_requests
 from .finetune import DenseDeltas, EpochBatches, LoRADeltas, ModelLoss, train
-from .kernels.select_core_torch import chunk_keys, iter_chunks
+from .kernels.select_core_torch import chunk_keys, iter_chunk_pairs
 from .layer import Embedding
 from .metrics import module_mode, target_token_accuracy
 from .model import PEFT_PREFIX, DFTModel, adapter_to_edit
@@ -159,11 +159,9 @@ def opposite_sign_fraction(new: Mapping[str, torch.Tensor], old: Mapping[str, to
     """Fraction of the targeted parameters that are selection candidates (Δnew and Δold of opposite signs)."""
     candidates = total = 0
     for name in new:
-        old_chunks = iter_chunks(old[name])
-        for _, chunk in iter_chunks(new[name]):
-            keys, _ = chunk_keys(chunk, next(old_chunks)[1])
-            candidates += int((keys > 0).sum())
-            total += chunk.numel()
+        for _, new_chunk, old_chunk in iter_chunk_pairs(new[name], old[name]):
+            candidates += int((chunk_keys(new_chunk, old_chunk)[0] > 0).sum())
+            total += new_chunk.numel()
     return candidates / max(total, 1)
 
 

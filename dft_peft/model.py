@@ -139,7 +139,6 @@ class DFTModel(BaseTuner):
             delta = core.pop(name)
             if delta.nnz:
                 layers[name].add_sparse_delta(adapter_name, delta.scaled(lam) if lam != 1 else delta)
-            del delta
 
     def add_weighted_adapter(
         self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str
@@ -231,7 +230,7 @@ def adapter_to_edit(
 
     A plain model is wrapped (`get_peft_model`, adapter "default"); a DFT `PeftModel` gets the adapter if it lacks
     it. On an error the wrapping or the new adapter is removed, or an existing adapter's values are restored (copies:
-    training the core changes the live values in place), and the active adapters are set back.
+    training the core changes the live values in place; indices are only ever replaced, never changed in place).
     """
     if isinstance(model, PeftModel):
         if not isinstance(model.base_model, DFTModel):
@@ -248,15 +247,13 @@ def adapter_to_edit(
         except ValueError as err:
             raise ValueError(f"the model has none of the modules DFTConfig.target_modules names: {err}") from err
     tuner: DFTModel = peft_model.base_model
-    active = list(tuner.active_adapters)
     before = {}
     if existed:
-        before = {name: SparseDelta(d.indices.clone(), d.values.detach().clone(), d.shape)
+        before = {name: SparseDelta(d.indices, d.values.detach().clone(), d.shape)
                   for name, d in tuner.get_core(adapter_name).items()}
     try:
         yield peft_model
     except BaseException:
-        tuner.set_adapter(active)
         if existed:
             layers = tuner.dft_layers()
             for name, delta in before.items():

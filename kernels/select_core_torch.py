@@ -192,9 +192,7 @@ def iter_delta_chunks(
     Lazy mappings that can `read_range` are read a block of whole rows at a time, so a delta computed on access (a
     checkpoint minus the base, LoRA factors) never exists whole; tensors are chunked by `iter_chunk_pairs`.
     """
-    if isinstance(new_deltas, dict) or isinstance(old_deltas, dict) or not (
-        samplable(new_deltas) and samplable(old_deltas)
-    ):
+    if getattr(new_deltas, "read_range", None) is None or getattr(old_deltas, "read_range", None) is None:
         new, old = new_deltas[name], old_deltas[name]
         check_pair(name, new, old)
         yield from iter_chunk_pairs(new, old, chunk)

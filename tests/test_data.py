@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dft_peft.data import EditRequest, demo_requests, load_requests, requests_from_dicts, save_requests
+from dft_peft.data import EditRequest, as_requests, demo_requests, load_requests, requests_from_dicts, save_requests
 
 DATA_DIR = Path(os.environ.get("DFT_PEFT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -231,3 +231,10 @@ def test_real_benchmark_files():
     assert counterfact[0].target_old == raw[0]["ground_truth"] and counterfact[0].rephrase == raw[0]["rephrase_prompt"]
     assert load_requests(counterfact_path, n=50, seed=0) == load_requests(counterfact_path, format="counterfact",
                                                                           n=50, seed=0)
+
+
+def test_as_requests_names_the_position_in_the_given_list():
+    first = EditRequest(prompt="The sky is", target_new="green")
+    assert as_requests([first, {"prompt": "Grass is", "target_new": "blue"}], "edit")[0] is first
+    with pytest.raises(ValueError, match=r"record\[1\]"):
+        as_requests([first, {"prompt": "Grass is"}], "edit")
