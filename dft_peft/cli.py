@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import huggingface_hub.constants
+import torch
 from peft import PeftModel
 from peft.utils import CONFIG_NAME
 from safetensors import safe_open
@@ -149,10 +150,23 @@ def _load_requests(ns: argparse.Namespace) -> list[EditRequest]:
     return requests
 
 
+def _device(choice: str) -> torch.device:
+    """`--device`: auto is this process's GPU (LOCAL_RANK under a launcher) when CUDA is visible, else the CPU."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible to this process")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def _load_model(ns: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tick = time.perf_counter()
+    device = _device(ns.device)
     model, tokenizer = load_model(ns.model, VALUE_DTYPES[ns.dtype])
-    print(f"Loaded model {ns.model} ({sum(p.numel() for p in model.parameters()):,} parameters) in "
+    model.to(device)
+    print(f"Loaded model {ns.model} ({sum(p.numel() for p in model.parameters()):,} parameters) on {device} in "
           f"{time.perf_counter() - tick:.1f} s")
     return model, tokenizer
 
@@ -574,6 +588,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                              "transformers model directory (default: %(default)s)")
     parser.add_argument("--dtype", choices=tuple(VALUE_DTYPES), default="float32",
                         help="dtype of the model weights (default: %(default)s)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the model runs: auto = this process's GPU if CUDA is visible, else the CPU "
+                             "(default: %(default)s)")
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:

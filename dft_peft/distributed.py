@@ -79,6 +79,13 @@ def _all_gather(tensor: torch.Tensor, process_group: dist.ProcessGroup | None) -
     return torch.stack(parts).cpu()
 
 
+def sum_over_ranks(counts: Sequence[int], process_group: dist.ProcessGroup | None) -> list[int]:
+    """Each count summed over the ranks of the group (exact: int64)."""
+    total = torch.tensor(list(counts), dtype=torch.int64, device=_collective_device(process_group))
+    dist.all_reduce(total, group=process_group)
+    return total.tolist()
+
+
 def _module_shapes(numels: Mapping[str, int | Sequence[int]]) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for name, size in numels.items():

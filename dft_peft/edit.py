@@ -20,7 +20,8 @@ from transformers import PreTrainedTokenizerBase
 from .config import DFTConfig
 from .core import select_core
 from .data import EditRequest, as_requests
-from .finetune import DenseDeltas, EpochBatches, LoRADeltas, ModelLoss, train
+from .distributed import Shard, gather_core, sum_over_ranks
+from .finetune import CoreValues, DenseDeltas, EpochBatches, LoRADeltas, ShardedDeltas, check_engine, train
 from .kernels.select_core_torch import chunk_keys, iter_chunk_pairs
 from .layer import Embedding
 from .metrics import module_mode, target_token_accuracy
@@ -156,13 +157,28 @@ def _greedy(model: nn.Module, tokenizer: PreTrainedTokenizerBase, inputs: Mappin
 
 
 def opposite_sign_fraction(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> float:
-    """Fraction of the targeted parameters that are selection candidates (Δnew and Δold of opposite signs)."""
+    """Fraction of the targeted parameters that are selection candidates (Δnew and Δold of opposite signs); over
+    all ranks for `ShardedDeltas`."""
     candidates = total = 0
     for name in new:
-        for _, new_chunk, old_chunk in iter_chunk_pairs(new[name], old[name]):
+        pair = (new[name], old[name])
+        for _, new_chunk, old_chunk in iter_chunk_pairs(*(t.tensor if isinstance(t, Shard) else t for t in pair)):
             candidates += int((chunk_keys(new_chunk, old_chunk)[0] > 0).sum())
             total += new_chunk.numel()
+    if isinstance(new, ShardedDeltas):
+        candidates, total = sum_over_ranks([candidates, total], new.process_group)
     return candidates / max(total, 1)
+
+
+def locate_core(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor], config: DFTConfig
+                ) -> dict[str, Any]:
+    """`select_core` of a round's deltas; sharded deltas are selected across their ranks and the core gathered, so
+    every rank adds the same core."""
+    if isinstance(new, ShardedDeltas):
+        part = select_core(new, old, config.top_t, config.selection, process_group=new.process_group,
+                           numels=new.shapes)
+        return gather_core(part, new.process_group)
+    return select_core(new, old, config.top_t, config.selection)
 
 
 def edit(
@@ -195,9 +211,10 @@ def edit(
         progress: Show a tqdm bar over rounds and steps with the loss and the reliability reached.
         on_round: Called after each round with the model and the round's report (e.g. to trace metrics); its
             time is not counted in the report's seconds.
-        accelerator: An `accelerate.Accelerator` to run the fine-tunes on (DDP, FSDP, DeepSpeed ...). Default: a
-            new one when the process was started by `accelerate launch`/`torchrun` with several processes, else
-            none. Every rank ends with the same edit; save it on the main process only.
+        accelerator: An `accelerate.Accelerator` to run the fine-tunes on (DDP, FSDP2, DeepSpeed ZeRO-1/2); the
+            model is moved to its device. Default: a new one when the process was started by `accelerate
+            launch`/`torchrun` with several processes or with an FSDP/DeepSpeed config, else none. Every rank ends
+            with the same edit; save it on the main process only.
 
     Returns:
         The edited `PeftModel` (adapter unmerged) and an `EditReport`. On any error the model is left as it was.
@@ -222,6 +239,9 @@ def _run(
     on_round: Callable[[PeftModel, RoundReport], None] | None,
     accelerator: Any,
 ) -> EditReport:
+    check_engine(accelerator)
+    if accelerator is not None:  # the fine-tunes run where the accelerator puts them: so must the model
+        peft_model.to(accelerator.device)
     tuner: DFTModel = peft_model.base_model
     config: DFTConfig = peft_model.peft_config[adapter_name]
     layers = tuner._layers_with(adapter_name)
@@ -268,10 +288,13 @@ def _run(
             torch.manual_seed(args.seed + round_index)
             if args.strategy == "locate_once" and round_index > 1:
                 bar.set_description(f"DFT round {round_index}: core values")
+                values = CoreValues(peft_model, layers, adapter_name, PEFT_PREFIX)
                 with module_mode(peft_model, training=True):
-                    loss_new = train(ModelLoss(peft_model), EpochBatches(tokenizer, prompts, new_answers,
-                                     args.batch_size, gen), args.core_epochs, args.core_learning_rate, args.optimizer,
-                                     bar, accelerator=accelerator)
+                    loss_new = train(values, EpochBatches(tokenizer, prompts, new_answers, args.batch_size, gen),
+                                     args.core_epochs, args.core_learning_rate, args.optimizer, bar,
+                                     accelerator=accelerator)
+                values.write_back()
+                del values
                 rel = reliability()
                 report.rounds.append(RoundReport(round_index, "train_core", 0, None,
                                                  _adapter_size(tuner, adapter_name), rel,
@@ -290,7 +313,7 @@ def _run(
                                                           args.epochs, args, gen, bar, accelerator)
                 finally:
                     peft_model.unmerge_adapter()
-                core = select_core(new_deltas, old_deltas, config.top_t, config.selection)
+                core = locate_core(new_deltas, old_deltas, config)
                 core_size = sum(d.nnz for d in core.values())
                 fraction = opposite_sign_fraction(new_deltas, old_deltas)
                 if core_size == 0:
@@ -344,8 +367,11 @@ def _fine_tune(
 
 
 def _launched_accelerator() -> Any:
-    """An Accelerator when this process is one of several launched together (`accelerate launch`, `torchrun`)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """An Accelerator when this process is one of several launched together (`accelerate launch`, `torchrun`), or
+    was launched with an FSDP or DeepSpeed config (`accelerate launch` says so in the environment), even alone."""
+    sharded = any(os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true")
+                  for engine in ("FSDP", "DEEPSPEED"))
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not sharded:
         return None
     from accelerate import Accelerator
 

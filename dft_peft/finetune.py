@@ -6,7 +6,9 @@ at the end (W′ − W, in place; scale·B·A, per module on access), so the wei
 copy: Δold is the one extra copy of the targeted weights DFT holds, Δnew is the fine-tune's own trainable tensor.
 
 Each fine-tune is an `nn.Module` whose forward returns the loss and whose only parameters are the trainable ones, so
-`accelerate` can wrap it (DDP and friends) and every rank trains on its share of the batches.
+`accelerate` can wrap it (DDP, FSDP2, DeepSpeed ZeRO-1/2) and every rank trains on its share of the batches. Under
+FSDP2 the trainable tensors end sharded by rows: each rank then reads off only its rows of Δ (`ShardedDeltas`), and
+the core is selected across the ranks (`dft_peft.distributed`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,14 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .distributed import Shard
 from .layer import DFTLayer
 from .metrics import encode_pairs
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support: nothing is ever sharded
+    DTensor = ()
 
 IGNORE_INDEX = -100
 Batch = dict[str, torch.Tensor]
@@ -101,11 +109,41 @@ class DenseDeltas(_FineTune):
         }
 
     def deltas(self) -> dict[str, torch.Tensor]:
+        """Δ = W′ − W per module, in place; under FSDP2 this rank's rows of it (`ShardedDeltas`)."""
         with torch.no_grad():
-            out = {}
+            if not any(isinstance(t, DTensor) for t in self.trained):
+                return {name: t.data.sub_(self.weights[name].float()) for name, t in zip(self.names, self.trained)}
+            shards = {}
             for name, t in zip(self.names, self.trained):
-                out[name] = t.data.sub_(self.weights[name].float())
-        return out
+                local, first_row = row_shard(name, t)
+                local.sub_(self.weights[name][first_row : first_row + local.shape[0]].float())
+                shards[name] = Shard(local, first_row * math.prod(local.shape[1:]))
+            group = self.trained[0].device_mesh.get_group()
+            return ShardedDeltas(shards, group, {name: self.layers[name].base_shape for name in self.names})
+
+
+class ShardedDeltas(dict):
+    """This rank's rows of each module's delta (`Shard`s) after an FSDP2 fine-tune; the core is selected across
+    `process_group` (`select_core(..., process_group=, numels=shapes)`), no rank holding a whole delta."""
+
+    def __init__(self, shards: dict[str, Shard], process_group: Any, shapes: dict[str, tuple[int, ...]]) -> None:
+        super().__init__(shards)
+        self.process_group = process_group
+        self.shapes = shapes
+
+
+def row_shard(name: str, param: Any) -> tuple[torch.Tensor, int]:
+    """(this rank's block of rows, its first row) of a parameter that FSDP2 sharded along dim 0 (its default)."""
+    chunks = param.__create_chunk_list__()
+    if (len(chunks) != 1 or any(chunks[0].offsets[1:]) or tuple(chunks[0].sizes[1:]) != tuple(param.shape[1:])):
+        raise ValueError(f"{name!r}: FSDP sharded the fine-tune's copy of this weight other than by rows "
+                         f"({param.placements}); DFT reads sharded deltas by rows (FSDP2's default placement)")
+    return param.to_local(), int(chunks[0].offsets[0])
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's full value on this rank (all-gathered if FSDP2 sharded it)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 class LoRADeltas(_FineTune):
@@ -144,21 +182,48 @@ class LoRADeltas(_FineTune):
                 handle.remove()
 
     def deltas(self) -> LazyDeltas:
+        """Δ = scale·B·A per module, computed on access (the factors are small: FSDP2 shards are gathered first)."""
+        with torch.no_grad():
+            self.factors = {name: (whole(a), whole(b)) for name, a, b in zip(self.names, self.a, self.b)}
         return LazyDeltas({n: self.layers[n].base_shape for n in self.names}, self._delta, self._delta_range)
 
     def _delta_rows(self, name: str, rows: slice) -> torch.Tensor:
         """Rows of the delta as the weight stores it ((in, out) for fan_in_fan_out)."""
-        i = self.names.index(name)
+        a, b = self.factors[name]
         with torch.no_grad():
             if self._transposed(name):
-                return (self.scale * (self.b[i] @ self.a[i][:, rows])).T.contiguous()
-            return self.scale * (self.b[i][rows] @ self.a[i])
+                return (self.scale * (b @ a[:, rows])).T.contiguous()
+            return self.scale * (b[rows] @ a)
 
     def _delta(self, name: str) -> torch.Tensor:
         return self._delta_rows(name, slice(None))
 
     def _delta_range(self, name: str, start: int, length: int) -> torch.Tensor:
         return flat_range(lambda rows: self._delta_rows(name, rows), self.layers[name].base_shape, start, length)
+
+
+class CoreValues(_FineTune):
+    """Training a located core's values (later rounds of `strategy="locate_once"`): a float32 copy of each layer's
+    values stands in for them, so wrapping (DDP, FSDP) touches only the values, never the model's weights;
+    `write_back` stores the trained values in the adapter."""
+
+    def __init__(self, model: nn.Module, layers: Mapping[str, DFTLayer], adapter_name: str,
+                 param_prefix: str) -> None:
+        super().__init__(model, {n: layer for n, layer in layers.items() if layer.dft_values[adapter_name].numel()})
+        self.adapter_name = adapter_name
+        self.param_names = [f"{param_prefix}{name}.dft_values.{adapter_name}" for name in self.names]
+        self.trained = nn.ParameterList(
+            [nn.Parameter(self.layers[n].dft_values[adapter_name].detach().to(torch.float32, copy=True))
+             for n in self.names]
+        )
+
+    def overrides(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.param_names, self.trained))
+
+    def write_back(self) -> None:
+        with torch.no_grad():
+            for name, t in zip(self.names, self.trained):
+                self.layers[name].dft_values[self.adapter_name].copy_(whole(t))
 
 
 class ModelLoss(nn.Module):
@@ -220,6 +285,38 @@ def _rank_share(batches: list[Batch], accelerator: Any) -> list[Batch]:
     return [batches[(accelerator.process_index + i * world) % len(batches)] for i in range(steps)]
 
 
+def check_engine(accelerator: Any) -> None:
+    """Refuse the engines whose sharding the fine-tunes cannot read Δ from, before anything runs."""
+    if accelerator is None:
+        return
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if kind == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise ValueError("DFT edits under FSDP need FSDP2 (fsdp_version: 2 in the accelerate config, or "
+                         "--fsdp_version 2): FSDP1's flat parameters do not keep the weights' shapes")
+    if kind == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise ValueError("DFT edits run with DeepSpeed ZeRO-1/2 or FSDP2, not ZeRO-3 (its partitioned parameters "
+                         "cannot be read as whole rows); fine-tune with ZeRO-3 yourself and call build_edit on the "
+                         "two checkpoints")
+
+
+def prepare(accelerator: Any, module: nn.Module, opt: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
+    """`accelerator.prepare(module, opt)`, with an FSDP2 fine-tune sharded as one unit.
+
+    The fine-tune's parameters are plain tensors used by one `functional_call` of the model, so the user's
+    auto-wrap policy (transformer blocks, size) has nothing to wrap and activation checkpointing nothing to
+    checkpoint; both are switched off for this call and restored after it.
+    """
+    if getattr(accelerator, "is_fsdp2", False):
+        plugin = accelerator.state.fsdp_plugin
+        saved = plugin.auto_wrap_policy, plugin.activation_checkpointing
+        plugin.auto_wrap_policy, plugin.activation_checkpointing = None, False
+        try:
+            return accelerator.prepare(module, opt)
+        finally:
+            plugin.auto_wrap_policy, plugin.activation_checkpointing = saved
+    return accelerator.prepare(module, opt)
+
+
 def train(
     module: nn.Module,
     batches: Callable[[], list[Batch]],
@@ -246,8 +343,8 @@ def train(
     else:
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
     if accelerator is not None:
-        module, opt = accelerator.prepare(module, opt)
-    device = next(iter(parameters)).device
+        module, opt = prepare(accelerator, module, opt)
+    device = next(module.parameters()).device  # after prepare: FSDP2 may have replaced (and moved) the parameters
     last = math.nan
     for epoch in range(1, epochs + 1):
         losses = []

@@ -1,4 +1,5 @@
-"""`benchmarks/knowledge_update.py --quick` (10 edits, both datasets, every method) runs end to end (slow)."""
+"""Benchmark scripts end to end: `knowledge_update.py --quick` (10 edits, both datasets, every method; slow) and
+the GPU kernel benchmark as a smoke test under the Triton interpreter."""
 
 from __future__ import annotations
 
@@ -42,3 +43,23 @@ def test_knowledge_update_quick(tmp_path):
     assert render.returncode == 0, render.stderr[-3000:]
     assert "## Findings\n\nDFT_FT findings, written after the run." in (tmp_path / "results.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["notes"] == notes.read_text()
+
+
+GPU_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernels_gpu.py")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_kernels_gpu_script_runs_under_the_interpreter(tmp_path):
+    """The GPU benchmark end to end on a tiny input under the Triton interpreter: a smoke test that keeps the script
+    working where no GPU is lent (its figures mean nothing here), including its bit-exact check."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, GPU_SCRIPT, "--device", "cpu", "--sizes", "200K", "--top-t", "0.05", "--dtypes",
+               "float32", "--repeats", "1", "--merge-size", "300K", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "kernels_gpu.json").read_text())
+    first = results["selection"][0]
+    assert first["identical_to_torch_path"] is True and first["core_nnz"] == first["k"] > 0
+    assert [r["selection"] for r in results["selection"]] == ["global", "per_module"]
+    assert results["merge"]["lora_over_core"] > 0
+    assert (tmp_path / "kernels_gpu.md").exists() and (tmp_path / "kernels_gpu.png").exists()

@@ -146,10 +146,13 @@ def _error(capsys, argv: list[str]) -> str:
     return capsys.readouterr().err
 
 
-def test_model_errors(tmp_path, facts, capsys):
+def test_model_errors(tmp_path, model_dir, facts, capsys):
     err = _error(capsys, ["eval", "--model", str(tmp_path / "nope"), "--data", facts])
     assert "no such directory" in err and "'smollm2'" in err
     assert "no config.json" in _error(capsys, ["eval", "--model", str(tmp_path), "--data", facts])
+    if not torch.cuda.is_available():
+        err = _error(capsys, ["eval", "--model", model_dir, "--data", facts, "--device", "cuda"])
+        assert "--device cuda: no CUDA device" in err
 
 
 def test_data_errors(tmp_path, model_dir, capsys):

@@ -1,5 +1,6 @@
-"""A DDP edit of a tiny model on 2 CPU processes (gloo): it completes, every rank ends with the same edit, and the
-saved edit reproduces the edited logits when loaded in a single process."""
+"""Edits of a tiny model on 2 CPU processes (gloo). DDP: it completes, every rank ends with the same edit, and the
+saved edit reproduces the edited logits when loaded in a single process. FSDP2: fine-tunes sharded by rows give
+the DDP edit bit for bit, the core selected across the ranks from their shards of Δ."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from peft import PeftModel
 from tiny_models import TOY_FACTS, tiny_llama, tiny_tokenizer
@@ -57,3 +59,24 @@ def test_cli_edit_launched_on_two_ranks_is_saved_once(tmp_path):
     assert metrics["edit_file"]["edited_parameters"] > 0
     loaded = PeftModel.from_pretrained(tiny_llama(), out)
     assert sum(d.nnz for d in loaded.base_model.get_core().values()) == metrics["edit_file"]["edited_parameters"]
+
+
+@pytest.mark.parametrize("delta_source", ["full", "lora"])
+def test_fsdp2_sharded_edit_equals_ddp_edit(tmp_path, delta_source):
+    env = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), os.path.join(HERE, "fsdp_edit_worker.py"), str(tmp_path), delta_source]
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"cores_rank{r}.pt") for r in (0, 1)]
+    for cores in ranks:
+        assert cores["ddp_sharded_selections"] == 0
+        # DFT_FT reads Δ off each rank's rows of W′; DFT_LoRA gathers the small factors and selects as usual.
+        assert cores["fsdp2_sharded_selections"] == (1 if delta_source == "full" else 0)
+        assert cores["fsdp2_fraction"] == cores["ddp_fraction"] > 0
+        assert sum(i.numel() for i, _ in cores["fsdp2"].values()) > 0
+        for name, (indices, values) in cores["ddp"].items():
+            assert torch.equal(cores["fsdp2"][name][0], indices), name
+            assert torch.equal(cores["fsdp2"][name][1], values), name
+    for name, (indices, values) in ranks[0]["fsdp2"].items():
+        assert torch.equal(ranks[1]["fsdp2"][name][0], indices) and torch.equal(ranks[1]["fsdp2"][name][1], values)
