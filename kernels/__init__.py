@@ -1,7 +1,8 @@
 """Kernels of dft-peft, each beside its plain torch reference (installed as `dft_peft.kernels`).
 
 The dispatchers below pick the Triton kernel for CUDA tensors when Triton is installed, the torch path otherwise;
-both give the same bits. The Triton kernels are imported only when Triton is installed (CPU-only installs need not
+both give the same bits. On the CPU, core selection's per-chunk pass is a small C loop compiled at first use
+(`window_cpu`), with torch ops as its fallback and reference. The Triton kernels are imported only when Triton is installed (CPU-only installs need not
 have it); to run them on CPU tensors, set `TRITON_INTERPRET=1` before importing this package.
 """
 

@@ -11,8 +11,9 @@ The rule (Delicate Fine-Tuning §4.1, made exact):
   candidates that come first in the order (key descending, module name ascending, flat index ascending) — fewer when
   there are fewer candidates; its values are fp32(Δnew) · scale.
 
-The CPU path streams each delta once in chunks. A fused (torch.compile'd) pass per chunk computes the scores and
-compares them with a key floor; only the elements that pass are gathered and appended to a buffer, which is cut to
+The CPU path streams each delta once in chunks. One fused pass per chunk computes the scores and compares them with a
+key floor — the compiled C loop of `window_cpu` where a C compiler is found, else torch ops (torch.compile'd for large
+inputs) — and only the elements that pass are gathered and appended to a buffer, which is cut to
 the exact top k of the prefix seen so far whenever it exceeds ~2k entries (streaming top-k; the k-th key then raises
 the floor). The floor starts at the low end of a key window estimated from a small random sample, so the buffer holds
 little more than the core and rarely needs cutting; entries above the window are kept without their keys, and the
@@ -34,6 +35,7 @@ from decimal import Decimal
 import torch
 
 from ..sparse import SparseDelta, index_dtype
+from . import window_cpu
 
 SELECTIONS = ("global", "per_module")
 FLT_MIN = torch.finfo(torch.float32).tiny
@@ -327,10 +329,24 @@ def _stream_pass(
     buffer = _Buffer(k, chunk, sure, rekey)
     lo_bound, hi_bound = key_bound(lo), key_bound(min(hi, MAX_KEY + 1) - 1)
     window = torch.empty(0)
+    native, scratch = window_cpu.library(), None
     for rank, name in enumerate(names):
         idx_dtype = index_dtype(math.prod(shapes[name]))
         for start, new_chunk, old_chunk in iter_delta_chunks(new_deltas, old_deltas, name, shapes[name], chunk):
             buffer.device = new_chunk.device
+            if native is not None and window_cpu.usable(new_chunk, old_chunk):  # one compiled loop per chunk
+                if scratch is None or scratch.index.numel() < new_chunk.numel():
+                    scratch = window_cpu.Scratch(max(chunk, new_chunk.numel()))
+                lo_key, hi_key = (int(b.view(torch.int32)) for b in (lo_bound, hi_bound))
+                local, keys, vals, bad = window_cpu.window(native, new_chunk, old_chunk, lo_key, hi_key, scale,
+                                                           scratch)
+                if bad:
+                    raise_nonfinite(name)
+                if k and local.numel():
+                    floor = buffer.add(rank, keys, local.to(idx_dtype) + start, vals)
+                    if floor is not None:
+                        lo_bound = key_bound(max(int(lo_bound.view(torch.int32)), floor))
+                continue
             if window.numel() < new_chunk.numel() or window.device != new_chunk.device:
                 window = torch.empty(max(chunk, new_chunk.numel()), device=new_chunk.device)
             keys = window[: new_chunk.numel()]
@@ -530,7 +546,8 @@ def select_core_torch(
     sample = samplable(new_deltas) and samplable(old_deltas)
     shapes = delta_shapes(names, new_deltas)
     total = sum(math.prod(s) for s in shapes.values())
-    window_fn = _window_fn(total)
+    # The compiled C loop takes every CPU chunk when it can be built; the torch pass is then only for other devices.
+    window_fn = chunk_window if window_cpu.library() is not None else _window_fn(total)
     chunk = min(CHUNK, max(MIN_CHUNK, total // 128))  # chunk temporaries stay a small fraction of the deltas
     if selection == "global":
         picked = _select_scope(names, new_deltas, old_deltas, core_size(top_t, total), scale, sample, window_fn,

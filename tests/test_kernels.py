@@ -7,9 +7,11 @@ Inputs are fresh random tensors on every run; each test prints its seed (shown o
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import random
+import shutil
 from collections.abc import Mapping
 
 import pytest
@@ -29,6 +31,9 @@ from dft_peft.kernels import (
 )
 
 select_torch = importlib.import_module("dft_peft.kernels.select_core_torch")
+window_cpu = importlib.import_module("dft_peft.kernels.window_cpu")
+# The CPU path's chunk pass: the compiled C loop (where a C compiler is found) and the torch ops; both are checked.
+CPU_KERNELS = ("c", "torch") if window_cpu.library() is not None else ("torch",)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -138,11 +143,28 @@ def assert_same_core(got, want, what: str) -> None:
         assert torch.equal(g.values.cpu().view(torch.int32), w.values.view(torch.int32)), (what, name)
 
 
+@contextlib.contextmanager
+def cpu_kernel(kernel: str):
+    """Run the CPU path with the given chunk pass ("c" or "torch")."""
+    saved = os.environ.get("DFT_PEFT_CPU_KERNEL")
+    os.environ["DFT_PEFT_CPU_KERNEL"] = kernel
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["DFT_PEFT_CPU_KERNEL"]
+        else:
+            os.environ["DFT_PEFT_CPU_KERNEL"] = saved
+
+
 def check_selection(new, old, top_t, selection, select_triton=None, scale=1.0):
     """Every path against the naive reference; returns the reference."""
     want = select_core_naive(new, old, top_t, selection, scale=scale)
     what = f"top_t={top_t} {selection}"
-    assert_same_core(select_core_torch(new, old, top_t, selection, scale=scale), want, f"torch {what}")
+    for kernel in CPU_KERNELS:
+        with cpu_kernel(kernel):
+            got = select_core_torch(new, old, top_t, selection, scale=scale)
+        assert_same_core(got, want, f"torch[{kernel}] {what}")
     if select_triton is not None:
         got = select_triton.select_core_triton(to_device(new), to_device(old), top_t, selection, scale=scale)
         assert_same_core(got, want, f"triton {what}")
@@ -204,8 +226,14 @@ def test_select_nonfinite_names_module(gen, select_triton, selection, bad):
     old = {name: rand(gen, 20, 10) for name in new}
     new["b.weight"][3, 4] = bad
     old["c.weight"][0, 0] = bad
+    def torch_path(kernel):
+        def select(*a):
+            with cpu_kernel(kernel):
+                return select_core_torch(new, old, *a)
+        return select
+
     paths = {
-        "torch": lambda *a: select_core_torch(new, old, *a),
+        **{f"torch[{kernel}]": torch_path(kernel) for kernel in CPU_KERNELS},
         "naive": lambda *a: select_core_naive(new, old, *a),
         "triton": lambda *a: select_triton.select_core_triton(to_device(new), to_device(old), *a),
     }
@@ -283,8 +311,10 @@ def test_select_triton_narrowing_passes(gen, select_triton, monkeypatch, window)
     assert len(passes) > 2
 
 
-def test_select_lazy_mapping(gen, monkeypatch):
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+def test_select_lazy_mapping(gen, monkeypatch, kernel):
     """A lazy mapping (no sampling) with a small chunk: the torch path cuts its buffer while streaming."""
+    monkeypatch.setenv("DFT_PEFT_CPU_KERNEL", kernel)
     monkeypatch.setattr(select_torch, "CHUNK", 128)
     cuts = []
     add = select_torch._Buffer.add
@@ -300,12 +330,14 @@ def test_select_lazy_mapping(gen, monkeypatch):
         assert_same_core(got, select_core_naive(new, old, 0.05), "triton")
 
 
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
 @pytest.mark.parametrize("sampled", [False, True])
-def test_select_range_readable_mapping_never_reads_a_whole_module(monkeypatch, sampled):
+def test_select_range_readable_mapping_never_reads_a_whole_module(monkeypatch, sampled, kernel):
     """Deltas computed on access are streamed block by block of rows (memory O(chunk), not O(module)).
 
     Fixed inputs: a sample that misleads (possible with this tiny sample) falls back to reading whole modules to key
     the entries it kept unkeyed, which is correct but not what this test is about."""
+    monkeypatch.setenv("DFT_PEFT_CPU_KERNEL", kernel)
     monkeypatch.setattr(select_torch, "CHUNK", 128)
     if sampled:
         monkeypatch.setattr(select_torch, "SAMPLE", 1024)
@@ -342,6 +374,7 @@ def test_sampled_window_allows_for_clustered_runs(monkeypatch):
 def test_torch_compiled_chunk_function(gen, monkeypatch):
     """The torch.compile'd chunk function (forced on) selects the same core (one small case: compiling takes s)."""
     monkeypatch.setenv("DFT_PEFT_COMPILE", "1")
+    monkeypatch.setenv("DFT_PEFT_CPU_KERNEL", "torch")  # the compiled pass serves only where the C loop does not
     if select_torch._window_fn(0) is select_torch.chunk_window:
         pytest.skip("torch.compile is unavailable here")
     new, old = random_deltas(gen, 4, max_numel=5000)
@@ -350,9 +383,11 @@ def test_torch_compiled_chunk_function(gen, monkeypatch):
                          selection)
 
 
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
 @pytest.mark.parametrize("window", ["too_high", "too_low"])
-def test_torch_sampled_window_misses(gen, monkeypatch, window):
+def test_torch_sampled_window_misses(gen, monkeypatch, window, kernel):
     """A sampled floor above the k-th key needs the second pass; a window below it, the full final ranking."""
+    monkeypatch.setenv("DFT_PEFT_CPU_KERNEL", kernel)
     monkeypatch.setattr(select_torch, "CHUNK", 512)
     monkeypatch.setattr(select_torch, "SAMPLE", 128)
     sampled = select_torch.sampled_window
@@ -369,6 +404,56 @@ def test_torch_sampled_window_misses(gen, monkeypatch, window):
     want = select_core_naive(new, old, 0.05)
     assert_same_core(select_core_torch(new, old, 0.05), want, window)
     assert len(passes) == (2 if window == "too_high" else 1)
+
+
+def test_c_loop_builds_where_a_compiler_exists():
+    """CI machines have a C compiler: the compiled CPU loop must build there, not silently fall back."""
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        pytest.skip("no C compiler on this machine")
+    assert window_cpu.library() is not None, window_cpu.unavailable_reason()
+
+
+@pytest.mark.skipif("c" not in CPU_KERNELS, reason="the C loop cannot be built here")
+@pytest.mark.parametrize("new_dtype", FLOATS)
+@pytest.mark.parametrize("old_dtype", FLOATS)
+def test_c_loop_matches_torch_chunk_pass(gen, new_dtype, old_dtype):
+    """The C loop against the torch ops it replaces (keys, nonzero, gather, scale), every dtype pair, odd lengths,
+    keys exactly at both window bounds, zeros, subnormals and signs that agree."""
+    lib = window_cpu.library()
+    n = int(torch.randint(1, 3000, (), generator=gen))
+    new = rand(gen, n, dtype=new_dtype, levels=4)
+    old = rand(gen, n, dtype=old_dtype, levels=4)
+    new[: min(n, 3)] = torch.tensor([0.0, 1e-39, -2.0], dtype=torch.float64)[: min(n, 3)].to(new_dtype)
+    keys, _ = select_torch.chunk_keys(new, old)
+    present = keys[keys > 0]
+    scratch = window_cpu.Scratch(n)
+    bounds = [(1, select_torch.MAX_KEY)]
+    if present.numel():
+        lo, hi = int(present.min()), int(present.max())
+        bounds += [(lo, hi), (hi, hi), (lo + 1, max(lo + 1, hi - 1))]
+    for lo, hi in bounds:
+        local, got_keys, values, bad = window_cpu.window(lib, new, old, lo, hi, 0.3, scratch)
+        want = ((keys >= lo) & (keys <= hi)).nonzero().squeeze(1)
+        assert not bad and local.dtype == torch.int32
+        assert torch.equal(local.long(), want) and torch.equal(got_keys, keys[want])
+        assert torch.equal(values.view(torch.int32), (new[want].float() * 0.3).view(torch.int32))
+
+
+@pytest.mark.skipif("c" not in CPU_KERNELS, reason="the C loop cannot be built here")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_c_loop_flags_nonfinite_and_splits_across_threads(gen, bad):
+    """Chunks large enough for several threads: the parts are joined in index order; NaN/inf anywhere is flagged."""
+    lib = window_cpu.library()
+    n = 3 * window_cpu.MIN_PART + 17
+    new, old = rand(gen, n), rand(gen, n)
+    scratch = window_cpu.Scratch(n)
+    local, _, _, flagged = window_cpu.window(lib, new, old, 1, select_torch.MAX_KEY, 1.0, scratch)
+    assert not flagged
+    assert torch.equal(local.long(), (select_torch.chunk_keys(new, old)[0] > 0).nonzero().squeeze(1))
+    old[n - 5] = bad
+    assert window_cpu.window(lib, new, old, 1, select_torch.MAX_KEY, 1.0, scratch)[3]
+    empty = torch.empty(0)
+    assert window_cpu.window(lib, empty, empty, 1, select_torch.MAX_KEY, 1.0, scratch)[0].numel() == 0
 
 
 # --- scatter-merge ------------------------------------------------------------------------------------------------

@@ -1,0 +1,122 @@
+"""The CPU selection pass as one compiled C loop (`window_cpu.c`): score, key-window test and compaction of a chunk in
+a single read of Δnew and Δold.
+
+The torch path's per-chunk work (a fused scoring pass that writes every element's key, then `nonzero`, then gathers)
+moves each element several times and leaves selection far below memory speed; this loop writes only the kept
+entries. It is plain C99, compiled once per process with the system C compiler into a temporary file (well under a
+second; no torch headers) and called through ctypes, which releases the GIL, so the parts of a chunk run on
+`torch.get_num_threads()` threads. Where no compiler is found the torch path runs instead, with the same bits.
+
+`DFT_PEFT_CPU_KERNEL=torch` forces the torch path, `=c` requires this one (an error if it cannot be built).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("window_cpu.c")
+MIN_PART = 1 << 16  # elements per thread, at least
+_DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_float,
+             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_error: str | None = None
+_pool: ThreadPoolExecutor | None = None
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    with tempfile.TemporaryDirectory(prefix="dft_peft_") as tmp:
+        target = os.path.join(tmp, "window_cpu.so")
+        base = [compiler, "-O3", "-std=c99", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared", str(SOURCE),
+                "-o", target]
+        errors = []
+        for extra in (["-march=native"], []):  # native vector units where the compiler knows the flag
+            done = subprocess.run(base[:1] + extra + base[1:], capture_output=True, text=True)
+            if done.returncode == 0:
+                return ctypes.CDLL(target)  # mapped: the file may go
+            errors.append(done.stderr.strip().splitlines()[-1:] or ["?"])
+        raise RuntimeError(f"compiling {SOURCE.name} failed: {errors[-1][0]}")
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled loop, built on first use; None (and the reason in `unavailable_reason()`) if it cannot be."""
+    global _library, _error
+    mode = os.environ.get("DFT_PEFT_CPU_KERNEL", "auto")
+    if mode == "torch":
+        return None
+    with _lock:
+        if _library is None and _error is None:
+            try:
+                _library = _build()
+            except (OSError, RuntimeError) as err:
+                _error = str(err)
+    if _library is None and mode == "c":
+        raise RuntimeError(f"DFT_PEFT_CPU_KERNEL=c but the C selection loop is unavailable: {_error}")
+    return _library
+
+
+def unavailable_reason() -> str | None:
+    return _error
+
+
+def usable(new: torch.Tensor, old: torch.Tensor) -> bool:
+    """Whether a chunk pair can go through the C loop: contiguous CPU tensors of the four float dtypes."""
+    return (new.device.type == "cpu" and old.device.type == "cpu" and new.dtype in _DTYPES
+            and old.dtype in _DTYPES and new.is_contiguous() and old.is_contiguous())
+
+
+class Scratch:
+    """Reusable output room for one chunk (int32 index, int32 key, float32 value per element): 12 bytes per element
+    of the largest chunk, allocated once per pass so that no chunk pays for fresh pages."""
+
+    def __init__(self, capacity: int) -> None:
+        self.index = torch.empty(capacity, dtype=torch.int32)
+        self.key = torch.empty(capacity, dtype=torch.int32)
+        self.value = torch.empty(capacity, dtype=torch.float32)
+
+
+def window(
+    lib: ctypes.CDLL, new: torch.Tensor, old: torch.Tensor, lo: int, hi: int, scale: float, scratch: Scratch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(flat indices within the chunk as int32, keys, values fp32(Δnew)·scale, NaN/inf seen) of the elements whose
+    key lies in [lo, hi], in index order. Fresh tensors (the scratch is reused by the next chunk)."""
+    global _pool
+    n = new.numel()
+    fn = getattr(lib, f"window_{_DTYPES[new.dtype]}_{_DTYPES[old.dtype]}")
+    fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int64
+    parts = max(1, min(torch.get_num_threads(), n // MIN_PART))
+    bounds = [n * p // parts for p in range(parts + 1)]
+    flags = (ctypes.c_int32 * parts)()
+    new_ptr, old_ptr = new.data_ptr(), old.data_ptr()
+
+    def run(p: int) -> int:
+        start = bounds[p]
+        return fn(new_ptr + start * new.element_size(), old_ptr + start * old.element_size(), bounds[p + 1] - start,
+                  lo, hi, scale, scratch.index[start:].data_ptr(), scratch.key[start:].data_ptr(),
+                  scratch.value[start:].data_ptr(), ctypes.byref(flags, 4 * p))
+
+    if parts == 1:
+        counts = [run(0)]
+    else:
+        if _pool is None or _pool._max_workers < parts:
+            _pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="dft_peft_window")
+        counts = list(_pool.map(run, range(parts)))
+    pieces = [(bounds[p], counts[p]) for p in range(parts) if counts[p]]
+    index = torch.cat([scratch.index[s : s + c] + s for s, c in pieces]) if pieces else scratch.index[:0].clone()
+    key = torch.cat([scratch.key[s : s + c] for s, c in pieces]) if pieces else scratch.key[:0].clone()
+    value = torch.cat([scratch.value[s : s + c] for s, c in pieces]) if pieces else scratch.value[:0].clone()
+    return index, key, value, any(flags)
