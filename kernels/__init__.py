@@ -2,8 +2,9 @@
 
 The dispatchers below pick the Triton kernel for CUDA tensors when Triton is installed, the torch path otherwise;
 both give the same bits. On the CPU, core selection's per-chunk pass is a small C loop compiled at first use
-(`window_cpu`), with torch ops as its fallback and reference. The Triton kernels are imported only when Triton is installed (CPU-only installs need not
-have it); to run them on CPU tensors, set `TRITON_INTERPRET=1` before importing this package.
+(`window_cpu`), with torch ops as its fallback and reference. The Triton kernels are imported only when Triton is
+installed (CPU-only installs need not have it); to run them on CPU tensors, set `TRITON_INTERPRET=1` before
+importing this package.
 """
 
 import importlib.util

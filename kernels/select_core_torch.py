@@ -389,10 +389,23 @@ def sample_keys(
     starts = torch.randint(0, total, (max(1, SAMPLE // RUN),), generator=gen).sort().values
     bounds = torch.tensor([0, *sizes]).cumsum(0)
     runs = torch.full((starts.numel(), RUN), -1, dtype=torch.int32)
+    ranged = getattr(new_deltas, "read_range", None) is not None or getattr(old_deltas, "read_range", None) is not None
     row = 0
     for i, name in enumerate(names):
         lo, hi = int(torch.searchsorted(starts, bounds[i])), int(torch.searchsorted(starts, bounds[i + 1]))
-        for start in (starts[lo:hi] - bounds[i]).tolist():
+        if hi == lo:
+            continue
+        local = starts[lo:hi] - bounds[i]
+        if not ranged:  # in-memory tensors: every run of the module in one gather (one device sync, not one per run)
+            new, old = new_deltas[name], old_deltas[name]
+            positions = local[:, None] + torch.arange(RUN)
+            inside = positions < sizes[i]
+            flat = positions.clamp_(max=sizes[i] - 1).reshape(-1).to(new.device)
+            keys = chunk_keys(gather_flat(new, flat), gather_flat(old, flat))[0].cpu().view(-1, RUN)
+            runs[row : row + hi - lo] = torch.where(inside, keys, -1)
+            row += hi - lo
+            continue
+        for start in local.tolist():
             length = min(RUN, sizes[i] - start)
             new = read_range(new_deltas, name, start, length)
             old = read_range(old_deltas, name, start, length)
@@ -468,7 +481,12 @@ def delta_shapes(names: list[str], deltas: Mapping[str, torch.Tensor]) -> dict[s
 
 def _compact(keep: torch.Tensor, *tensors: torch.Tensor, step: int = 1 << 18) -> int:
     """Move the kept entries of each tensor to its front, in place and in slices (temporaries stay small: writes
-    never overtake reads); return how many were kept."""
+    never overtake reads); return how many were kept. An (index, value) pair on the CPU goes through one C loop."""
+    native = window_cpu.library()
+    if native is not None and len(tensors) == 2:
+        kept = window_cpu.compact(native, keep, *tensors)
+        if kept is not None:
+            return kept
     out = 0
     for start in range(0, keep.numel(), step):
         mask = keep[start : start + step]

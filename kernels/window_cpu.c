@@ -3,7 +3,8 @@
  *
  * For each element i: x = fp32(Δnew[i]), y = fp32(Δold[i]); it is a candidate when x and y have opposite signs,
  * magnitudes below FLT_MIN counting as no sign; its key is the int32 bit pattern of |x − y| (0 for non-candidates).
- * Elements whose key lies in [lo, hi] are written, in index order, as (i, key, x · scale); the count is returned.
+ * Elements whose key lies in [lo, hi] are written, in index order, as (base + i, key, x · scale); the count is
+ * returned.
  * A NaN or inf in either input sets *nonfinite.
  *
  * Compiled at run time by window_cpu.py (plain C99, no torch headers), strict IEEE arithmetic (no -ffast-math), so
@@ -49,8 +50,8 @@ static inline float load_f16(const void *p, int64_t i) { /* exact IEEE half → 
 #endif
 
 #define DEFINE_WINDOW(NAME, LOAD_X, LOAD_Y)                                                                          \
-    int64_t NAME(const void *x, const void *y, int64_t n, int32_t lo, int32_t hi, float scale, int32_t *index,   \
-                 int32_t *key, float *value, int32_t *nonfinite) {                                               \
+    int64_t NAME(const void *x, const void *y, int64_t n, int32_t base, int32_t lo, int32_t hi, float scale,    \
+                 int32_t *index, int32_t *key, float *value, int32_t *nonfinite) {                               \
         int64_t count = 0;                                                                                        \
         int32_t bad = 0;                                                                                          \
         float a[BLOCK];                                                                                           \
@@ -73,7 +74,7 @@ static inline float load_f16(const void *p, int64_t i) { /* exact IEEE half → 
                 while (kept) {                                                                                    \
                     int j = g + __builtin_ctz(kept);                                                              \
                     kept &= kept - 1;                                                                             \
-                    index[count] = (int32_t)start + j;                                                            \
+                    index[count] = base + (int32_t)start + j;                                                     \
                     key[count] = k[j];                                                                            \
                     value[count] = a[j];                                                                          \
                     count++;                                                                                      \
@@ -95,3 +96,19 @@ DEFINE_ROW(f32, load_f32)
 DEFINE_ROW(f64, load_f64)
 DEFINE_ROW(bf16, load_bf16)
 DEFINE_ROW(f16, load_f16)
+
+/* Stable in-place compaction of an (index, value) buffer: entries with keep[i] move to the front, in order; returns
+ * how many were kept (the final cut of core selection, where nearly every entry is kept). */
+#define DEFINE_COMPACT(NAME, INDEX_T)                                                                                \
+    int64_t NAME(const uint8_t *keep, int64_t n, INDEX_T *index, float *value) {                                  \
+        int64_t out = 0;                                                                                          \
+        for (int64_t i = 0; i < n; i++) {                                                                         \
+            index[out] = index[i];                                                                                \
+            value[out] = value[i];                                                                                \
+            out += keep[i] != 0;                                                                                  \
+        }                                                                                                         \
+        return out;                                                                                               \
+    }
+
+DEFINE_COMPACT(compact_i32, int32_t)
+DEFINE_COMPACT(compact_i64, int64_t)

@@ -26,8 +26,8 @@ import torch
 SOURCE = Path(__file__).with_name("window_cpu.c")
 MIN_PART = 1 << 16  # elements per thread, at least
 _DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
-_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_float,
-             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+             ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -106,7 +106,7 @@ def window(
     def run(p: int) -> int:
         start = bounds[p]
         return fn(new_ptr + start * new.element_size(), old_ptr + start * old.element_size(), bounds[p + 1] - start,
-                  lo, hi, scale, scratch.index[start:].data_ptr(), scratch.key[start:].data_ptr(),
+                  start, lo, hi, scale, scratch.index[start:].data_ptr(), scratch.key[start:].data_ptr(),
                   scratch.value[start:].data_ptr(), ctypes.byref(flags, 4 * p))
 
     if parts == 1:
@@ -116,7 +116,19 @@ def window(
             _pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="dft_peft_window")
         counts = list(_pool.map(run, range(parts)))
     pieces = [(bounds[p], counts[p]) for p in range(parts) if counts[p]]
-    index = torch.cat([scratch.index[s : s + c] + s for s, c in pieces]) if pieces else scratch.index[:0].clone()
+    index = torch.cat([scratch.index[s : s + c] for s, c in pieces]) if pieces else scratch.index[:0].clone()
     key = torch.cat([scratch.key[s : s + c] for s, c in pieces]) if pieces else scratch.key[:0].clone()
     value = torch.cat([scratch.value[s : s + c] for s, c in pieces]) if pieces else scratch.value[:0].clone()
     return index, key, value, any(flags)
+
+
+def compact(lib: ctypes.CDLL, keep: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> int | None:
+    """`select_core_torch._compact` for a contiguous CPU (int32/int64 index, float32 value) pair, in one C loop;
+    None when the tensors are of another kind (the caller's torch loop then runs)."""
+    kinds = {torch.int32: lib.compact_i32, torch.int64: lib.compact_i64}
+    if not (index.dtype in kinds and value.dtype == torch.float32 and keep.dtype == torch.bool
+            and all(t.device.type == "cpu" and t.is_contiguous() for t in (keep, index, value))):
+        return None
+    fn = kinds[index.dtype]
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int64
+    return fn(keep.data_ptr(), keep.numel(), index.data_ptr(), value.data_ptr())
