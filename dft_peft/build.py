@@ -19,15 +19,23 @@ from .finetune import LazyDeltas, flat_range
 from .layer import DFTLayer
 from .model import PEFT_PREFIX, DFTModel, adapter_to_edit
 
+MAPPED_BYTES = 16 << 20  # bytes read through the open handle before it is reopened
+
 
 class CheckpointReader:
     """Lazy tensor access to a safetensors checkpoint: one file, a directory with `model.safetensors`, or a sharded
-    directory with `model.safetensors.index.json`. Only the tensors asked for are read, one at a time."""
+    directory with `model.safetensors.index.json`. Only the tensors asked for are read, one at a time.
+
+    One file stays open across reads (selection reads thousands of row blocks), but only for `MAPPED_BYTES` and until
+    another file is read: the pages read through its memory map stay resident, and count in the process's memory,
+    until the map is closed.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.files: dict[str, str] = {}
-        self.handles: dict[str, Any] = {}
+        self.handle: tuple[str, Any] | None = None  # (file, open safe_open handle)
+        self.mapped = 0
         if os.path.isfile(path):
             if not path.endswith(".safetensors"):
                 raise ValueError(f"{path}: checkpoints are read from safetensors files only")
@@ -54,10 +62,14 @@ class CheckpointReader:
         if name not in self.files:
             raise ValueError(f"{self.path}: the checkpoint has no tensor {name!r}")
         file = self.files[name]
-        if file not in self.handles:  # opened once: selection reads thousands of row blocks and sampled runs
-            self.handles[file] = safe_open(file, framework="pt")
-        handle = self.handles[file]
-        return handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
+        if self.handle is None or self.handle[0] != file:
+            self.handle, self.mapped = (file, safe_open(file, framework="pt")), 0  # the previous map is closed
+        handle = self.handle[1]
+        tensor = handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
+        self.mapped += tensor.numel() * tensor.element_size()
+        if self.mapped >= MAPPED_BYTES:
+            self.handle = None  # unmaps: the next read reopens the file
+        return tensor
 
 
 def _is_lora_adapter(path: str) -> bool:

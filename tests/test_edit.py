@@ -4,6 +4,7 @@ delta sources, build_edit from checkpoints, and bad input that must leave the mo
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -129,7 +130,9 @@ def test_delta_sources_and_strategies(source):
             assert report.rounds[1].kind == "locate" and report.rounds[1].adapter_size >= first.adapter_size
 
 
-def test_build_edit_from_checkpoints_equals_in_process(tmp_path):
+def test_build_edit_from_checkpoints_equals_in_process(tmp_path, monkeypatch):
+    # Reopened after every KiB read (and on every switch between shards): reopening must not change what is read.
+    monkeypatch.setattr(importlib.import_module("dft_peft.build"), "MAPPED_BYTES", 1024)
     tokenizer, base = tiny_tokenizer(), tiny_llama()
     args = EditArguments(epochs=2, learning_rate=0.5, optimizer="sgd", batch_size=2)
     gen = torch.Generator().manual_seed(0)
