@@ -1,4 +1,4 @@
-"""Kernel benchmark: core-selection throughput and memory, merge cost; a GPU section when CUDA is present.
+"""Kernel benchmark on the CPU: core-selection throughput and memory, merge cost (the GPU: kernels_gpu.py).
 
     python benchmarks/kernels.py [--sizes 10M,100M,1B] [--top-t 0.05,0.01] [--repeats 3]
 
@@ -31,10 +31,11 @@ import math
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from dft_peft.kernels import HAS_TRITON, scatter_merge, window_cpu
+from dft_peft.kernels import scatter_merge, window_cpu
 from dft_peft.kernels.select_core_torch import FLT_MIN, compile_wanted, core_size
 
 from dft_peft import codec
@@ -196,80 +197,50 @@ def run_worker(spec: dict) -> dict:
 # --- merge: scatter-merge of a core versus a LoRA merge of the same file size ---------------------------------------
 
 
-def merge_comparison(numel: int, density: float, repeats: int) -> dict:
+def timed_once(fn: Callable[[], object]) -> float:
+    """Seconds of one call of fn on the CPU."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def merge_comparison(numel: int, density: float, repeats: int, device: str = "cpu",
+                     once: Callable[[Callable[[], object]], float] = timed_once) -> dict:
     """Merge time of a random core (density `density`) into bf16 weights vs a LoRA adapter whose file (bf16 factors)
-    has the same bytes as the core's edit file (Elias-Fano indices + values in DFTConfig's default value dtype)."""
-    gen = torch.Generator().manual_seed(0)
+    has the same bytes as the core's edit file (Elias-Fano indices + values in DFTConfig's default value dtype);
+    best of `repeats` after a warm-up, each call timed by `once` (kernels_gpu.py passes a CUDA-event timer)."""
+    gen = torch.Generator(device=device).manual_seed(0)
     value_bytes = DFTConfig().torch_value_dtype.itemsize
     weights, cores, loras, file_bytes = {}, {}, {}, 0
     for name, (rows, cols) in module_shapes(numel).items():
         size = rows * cols
         nnz = int(size * density)
-        weights[name] = torch.randn(rows, cols, generator=gen).bfloat16()
-        idx = torch.randperm(size, generator=gen)[:nnz].sort().values.int()
-        cores[name] = (idx, torch.randn(nnz, generator=gen) * 1e-3)
+        weights[name] = torch.randn(rows, cols, generator=gen, device=device).bfloat16()
+        idx = torch.randperm(size, generator=gen, device=device)[:nnz].sort().values.int()
+        cores[name] = (idx, torch.randn(nnz, generator=gen, device=device) * 1e-3)
         module_bytes = codec.encoded_size_bytes(nnz, size) + nnz * value_bytes
         rank = max(1, round(module_bytes / (2 * (rows + cols))))
-        loras[name] = tuple(torch.randn(shape, generator=gen).bfloat16() for shape in ((rows, rank), (rank, cols)))
+        loras[name] = tuple(torch.randn(shape, generator=gen, device=device).bfloat16()
+                            for shape in ((rows, rank), (rank, cols)))
         file_bytes += module_bytes
 
     def merge_core():
         for name, (idx, vals) in cores.items():
             scatter_merge(weights[name], idx, vals)
 
-    def merge_lora():  # as PEFT merges on a CPU: the delta in fp32, cast to the weight dtype, added in place
+    def merge_lora():  # as PEFT merges: the delta in fp32, cast to the weight dtype, added in place
         for name, (b, a) in loras.items():
             weights[name] += (b.float() @ a.float()).mul_(2.0).to(weights[name].dtype)
 
     times = {}
     for label, fn in (("core", merge_core), ("lora", merge_lora)):
         fn()
-        best = math.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - start)
-        times[label] = best
+        times[label] = min(once(fn) for _ in range(repeats))
     ranks = sorted({b.shape[1] for b, _ in loras.values()})
     return {"numel": sum(math.prod(w.shape) for w in weights.values()), "modules": len(weights), "density": density,
             "core_nnz": sum(c[0].numel() for c in cores.values()), "file_bytes": file_bytes,
             "lora_ranks": [ranks[0], ranks[-1]], "core_merge_s": times["core"], "lora_merge_s": times["lora"],
             "lora_over_core": times["lora"] / times["core"]}
-
-
-# --- GPU: Triton selection against the device's copy bandwidth and torch.topk --------------------------------------
-
-
-def gpu_section(numel: int, top_t: float, dtype: torch.dtype, repeats: int, device: str = "cuda") -> dict:
-    """Triton selection at `numel` elements on `device` (a CPU device only for smoke tests under the interpreter)."""
-    from dft_peft.kernels import select_core_triton
-
-    cuda = device == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    new, old, _ = make_deltas(numel, dtype, device=device)
-
-    def best_time(fn) -> float:
-        fn()
-        best = math.inf
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    select_s = best_time(lambda: select_core_triton(new, old, top_t))
-    copy = copy_bandwidth(new, old, sync)
-    try:
-        topk_s = best_time(lambda: select_naive_topk(new, old, top_t))
-    except torch.OutOfMemoryError:
-        topk_s = None
-    nbytes = delta_bytes(new, old)
-    return {"device": torch.cuda.get_device_name() if cuda else device, "numel": sum(t.numel() for t in new.values()),
-            "top_t": top_t, "dtype": str(dtype), "select_s": select_s, "bytes_per_s": nbytes / select_s,
-            "copy_bytes_per_s": copy, "fraction_of_copy": nbytes / select_s / copy, "topk_s": topk_s,
-            "speedup_vs_topk": topk_s / select_s if topk_s else None}
 
 
 # --- report -------------------------------------------------------------------------------------------------------
@@ -320,19 +291,7 @@ def render(results: dict) -> str:
               f"| {m['numel']:,} | {m['modules']} | {m['density']} | {m['core_nnz']:,} | {mb(m['file_bytes'])} "
               f"| {m['lora_ranks'][0]}–{m['lora_ranks'][1]} | {1e3 * m['core_merge_s']:.1f} "
               f"| {1e3 * m['lora_merge_s']:.1f} | {m['lora_over_core']:.1f}× |"]
-    lines += ["", "## GPU (Triton)", ""]
-    g = results["gpu"]
-    if "skipped" in g:
-        lines.append(f"Skipped: {g['skipped']}")
-    else:
-        topk = "—" if g["topk_s"] is None else f"{1e3 * g['topk_s']:.1f}"
-        speedup = "—" if g["speedup_vs_topk"] is None else f"{g['speedup_vs_topk']:.1f}×"
-        lines += [f"Device: {g['device']}, {results['date']}.", "",
-                  "| elements | top_t | dtype | select ms | GB/s | copy GB/s | × copy (goal ≥ 0.7) | topk ms "
-                  "| speedup |", "|---|---|---|---|---|---|---|---|---|",
-                  f"| {g['numel']:,} | {g['top_t']} | {g['dtype']} | {1e3 * g['select_s']:.1f} "
-                  f"| {gb(g['bytes_per_s'])} | {gb(g['copy_bytes_per_s'])} | {g['fraction_of_copy']:.2f} | {topk} "
-                  f"| {speedup} |"]
+    lines += ["", "## GPU (Triton)", "", "Benchmarked by `benchmarks/kernels_gpu.py` on a CUDA machine."]
     for note in results["notes"]:
         lines += ["", note]
     return "\n".join(lines) + "\n"
@@ -430,11 +389,6 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     merge = merge_comparison(min(parse_size("100M"), max(n for _, n in sizes)), 0.01, args.repeats)
     print(json.dumps(merge), flush=True)
-    if torch.cuda.is_available() and HAS_TRITON:
-        gpu = gpu_section(max(n for _, n in sizes), tops[0], getattr(torch, args.dtype), args.repeats)
-    else:
-        gpu = {"skipped": "no CUDA device in this run (" + ("Triton missing" if not HAS_TRITON else "CPU-only torch")
-                          + "); the Triton kernels were only tested, under the Triton interpreter, not timed."}
     notes = [
         "Naive at sizes above --naive-max is not run: at 1B elements it needs the concatenated fp32 Δnew, Δold and "
         "scores (12 GB) plus torch.topk's working copy of values and int64 indices (12 GB), more than this machine's "
@@ -450,7 +404,7 @@ def main() -> None:
                    f"{torch.get_num_threads()} torch threads",
         "load_average": {"start": load_before, "end": os.getloadavg()},
         "torch": torch.__version__, "date": datetime.date.today().isoformat(), "dtype": args.dtype,
-        "cpu": rows, "merge": merge, "gpu": gpu, "goals": goals(rows), "notes": notes,
+        "cpu": rows, "merge": merge, "goals": goals(rows), "notes": notes,
     }
     results["wall_s"] = time.time() - started
     args.out.mkdir(parents=True, exist_ok=True)

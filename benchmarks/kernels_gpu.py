@@ -35,11 +35,8 @@ from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from dft_peft.kernels import scatter_merge, select_core_torch, select_core_triton  # noqa: E402
+from dft_peft.kernels import select_core_torch, select_core_triton  # noqa: E402
 from dft_peft.kernels.select_core_torch import core_size  # noqa: E402
-
-from dft_peft import codec  # noqa: E402
-from dft_peft.config import DFTConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels_gpu"
 GOAL = 0.7
@@ -146,41 +143,6 @@ def selection_case(clock: Clock, device: str, numel: int, top_t: float, dtype: t
         except torch.OutOfMemoryError as err:
             row["topk_error"] = f"out of memory: {str(err).splitlines()[0]}"
     return row  # the deltas go with this frame; main empties the allocator's cache
-
-
-def merge_case(clock: Clock, device: str, numel: int, density: float, repeats: int) -> dict:
-    """Scatter-merge of a random core into bf16 weights vs a LoRA merge whose file has the same bytes (kernels.py's
-    merge_comparison, on the device)."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    value_bytes = DFTConfig().torch_value_dtype.itemsize
-    weights, cores, loras, file_bytes = {}, {}, {}, 0
-    for name, (rows, cols) in cpu_bench.module_shapes(numel).items():
-        size, nnz = rows * cols, int(rows * cols * density)
-        weights[name] = torch.randn(rows, cols, generator=gen, device=device).bfloat16()
-        idx = torch.randperm(size, generator=gen, device=device)[:nnz].sort().values.int()
-        cores[name] = (idx, torch.randn(nnz, generator=gen, device=device) * 1e-3)
-        module_bytes = codec.encoded_size_bytes(nnz, size) + nnz * value_bytes
-        rank = max(1, round(module_bytes / (2 * (rows + cols))))
-        loras[name] = tuple(torch.randn(s, generator=gen, device=device).bfloat16()
-                            for s in ((rows, rank), (rank, cols)))
-        file_bytes += module_bytes
-
-    def merge_core() -> None:
-        for name, (idx, vals) in cores.items():
-            scatter_merge(weights[name], idx, vals)
-
-    def merge_lora() -> None:  # as PEFT merges: the delta in fp32, cast to the weight dtype, added in place
-        for name, (b, a) in loras.items():
-            weights[name] += (b.float() @ a.float()).mul_(2.0).to(weights[name].dtype)
-
-    core_s, _ = clock.median(merge_core, repeats)
-    lora_s, _ = clock.median(merge_lora, repeats)
-    ranks = sorted({b.shape[1] for b, _ in loras.values()})
-    out = {"numel": sum(w.numel() for w in weights.values()), "modules": len(weights), "density": density,
-           "core_nnz": sum(c[0].numel() for c in cores.values()), "file_bytes": file_bytes,
-           "lora_ranks": [ranks[0], ranks[-1]], "core_merge_s": core_s, "lora_merge_s": lora_s,
-           "lora_over_core": lora_s / core_s}
-    return out
 
 
 # --- report -------------------------------------------------------------------------------------------------------
@@ -297,7 +259,8 @@ def main() -> None:
         free()
         print(spec, json.dumps({k: v for k, v in row.items() if k != "select_times"}), flush=True)
     try:
-        results["merge"] = merge_case(clock, args.device, cpu_bench.parse_size(args.merge_size), 0.01, args.repeats)
+        results["merge"] = cpu_bench.merge_comparison(cpu_bench.parse_size(args.merge_size), 0.01, args.repeats,
+                                                      args.device, clock.once)
     except Exception as err:
         results["merge"] = {"error": f"{type(err).__name__}: {err}"}
     print(json.dumps(results["merge"]), flush=True)
