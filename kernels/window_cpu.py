@@ -3,17 +3,21 @@ a single read of Δnew and Δold.
 
 The torch path's per-chunk work (a fused scoring pass that writes every element's key, then `nonzero`, then gathers)
 moves each element several times and leaves selection far below memory speed; this loop writes only the kept
-entries. It is plain C99, compiled once per process with the system C compiler into a temporary file (well under a
-second; no torch headers) and called through ctypes, which releases the GIL, so the parts of a chunk run on
-`torch.get_num_threads()` threads. Where no compiler is found the torch path runs instead, with the same bits.
+entries. It is plain C99, compiled with the system C compiler at first use (about a second, no torch headers; the
+build is kept in ~/.cache/dft_peft, or $DFT_PEFT_CACHE, for later processes on the same processor) and called
+through ctypes, which releases the GIL, so the parts of a chunk run on `torch.get_num_threads()` threads. Where no
+compiler is found the torch path runs instead, with the same bits.
 
 `DFT_PEFT_CPU_KERNEL=torch` forces the torch path, `=c` requires this one (an error if it cannot be built).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -25,6 +29,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("window_cpu.c")
 MIN_PART = 1 << 16  # elements per thread, at least
+FLAGS = ["-O3", "-std=c99", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared"]  # strict IEEE otherwise
 _DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
              ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
@@ -35,18 +40,41 @@ _error: str | None = None
 _pool: ThreadPoolExecutor | None = None
 
 
+def _cache_path(compiler: str) -> Path | None:
+    """Where a build for this source, compiler and processor is kept between processes (None: no cache).
+
+    The key covers the processor's feature flags because the loop is built for the native instruction set.
+    """
+    root = os.environ.get("DFT_PEFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dft_peft")
+    cpu = platform.machine() + platform.processor()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    key = hashlib.sha256(b"\0".join(x.encode() for x in (SOURCE.read_text(), compiler, " ".join(FLAGS), cpu)))
+    return Path(root) / f"window_cpu-{key.hexdigest()[:16]}.so"
+
+
 def _build() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
+    cached = _cache_path(compiler)
+    if cached is not None and cached.is_file():
+        with contextlib.suppress(OSError):
+            return ctypes.CDLL(str(cached))
     with tempfile.TemporaryDirectory(prefix="dft_peft_") as tmp:
         target = os.path.join(tmp, "window_cpu.so")
-        base = [compiler, "-O3", "-std=c99", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared", str(SOURCE),
-                "-o", target]
         errors = []
         for extra in (["-march=native"], []):  # native vector units where the compiler knows the flag
-            done = subprocess.run(base[:1] + extra + base[1:], capture_output=True, text=True)
+            command = [compiler, *extra, *FLAGS, str(SOURCE), "-o", target]
+            done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode == 0:
+                if extra and cached is not None:  # kept for the next process; a failure to keep it is harmless
+                    with contextlib.suppress(OSError):
+                        cached.parent.mkdir(parents=True, exist_ok=True)
+                        staged = cached.with_suffix(f".{os.getpid()}.tmp")
+                        shutil.copyfile(target, staged)
+                        os.replace(staged, cached)
                 return ctypes.CDLL(target)  # mapped: the file may go
             errors.append(done.stderr.strip().splitlines()[-1:] or ["?"])
         raise RuntimeError(f"compiling {SOURCE.name} failed: {errors[-1][0]}")

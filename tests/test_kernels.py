@@ -414,6 +414,20 @@ def test_c_loop_builds_where_a_compiler_exists():
 
 
 @pytest.mark.skipif("c" not in CPU_KERNELS, reason="the C loop cannot be built here")
+def test_c_loop_build_is_kept_for_later_processes(tmp_path, monkeypatch):
+    """The first build lands in the cache; a later process (module state reset) loads it without compiling."""
+    monkeypatch.setenv("DFT_PEFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(window_cpu, "_library", None)
+    assert window_cpu.library() is not None
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
+    monkeypatch.setattr(window_cpu, "_library", None)
+    monkeypatch.setattr(window_cpu.subprocess, "run", lambda *a, **kw: pytest.fail("compiled again"))
+    new, old = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([-1.0, 1.0, 0.25])
+    local, *_ = window_cpu.window(window_cpu.library(), new, old, 1, select_torch.MAX_KEY, 1.0, window_cpu.Scratch(3))
+    assert local.tolist() == [0, 1]
+
+
+@pytest.mark.skipif("c" not in CPU_KERNELS, reason="the C loop cannot be built here")
 @pytest.mark.parametrize("new_dtype", FLOATS)
 @pytest.mark.parametrize("old_dtype", FLOATS)
 def test_c_loop_matches_torch_chunk_pass(gen, new_dtype, old_dtype):
