@@ -37,7 +37,7 @@ _ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, c
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _error: str | None = None
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, pool)
 
 
 def _cache_path(compiler: str) -> Path | None:
@@ -140,9 +140,9 @@ def window(
     if parts == 1:
         counts = [run(0)]
     else:
-        if _pool is None or _pool._max_workers < parts:
-            _pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="dft_peft_window")
-        counts = list(_pool.map(run, range(parts)))
+        if _pool is None or _pool[0] != os.getpid() or _pool[1] < parts:  # a forked child has no pool threads
+            _pool = (os.getpid(), parts, ThreadPoolExecutor(max_workers=parts, thread_name_prefix="dft_peft_window"))
+        counts = list(_pool[2].map(run, range(parts)))
     pieces = [(bounds[p], counts[p]) for p in range(parts) if counts[p]]
     index = torch.cat([scratch.index[s : s + c] for s, c in pieces]) if pieces else scratch.index[:0].clone()
     key = torch.cat([scratch.key[s : s + c] for s, c in pieces]) if pieces else scratch.key[:0].clone()
