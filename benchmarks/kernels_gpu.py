@@ -86,18 +86,6 @@ def free() -> None:
         torch.cuda.empty_cache()
 
 
-def random_deltas(numel: int, dtype: torch.dtype, device: str, seed: int = 0) -> tuple[dict, dict]:
-    """Δnew and Δold of Llama-like modules (kernels.py's shapes), independent random normal tensors with per-module
-    scales (no pooled views: the device holds them all)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    new, old = {}, {}
-    for m, (name, shape) in enumerate(cpu_bench.module_shapes(numel).items()):
-        scale = 1e-3 * (1 + m % 3)
-        new[name], old[name] = (torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(scale)
-                                for _ in range(2))
-    return new, old
-
-
 def device_copy(clock: Clock, device: str, repeats: int) -> dict:
     """A large device-to-device copy: bytes read + written per second, and source bytes per second."""
     numel = (2 << 30) // 4 if clock.cuda else 1 << 20
@@ -118,7 +106,7 @@ def same_core(got: dict, want: dict) -> bool:
 
 def selection_case(clock: Clock, device: str, numel: int, top_t: float, dtype: torch.dtype, selection: str,
                    repeats: int, check: bool) -> dict:
-    new, old = random_deltas(numel, dtype, device)
+    new, old, _ = cpu_bench.make_deltas(numel, dtype, device)
     total = sum(t.numel() for t in new.values())
     nbytes = cpu_bench.delta_bytes(new, old)
     row = {"numel": total, "modules": len(new), "top_t": top_t, "dtype": str(dtype).removeprefix("torch."),

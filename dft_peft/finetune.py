@@ -227,7 +227,8 @@ class CoreValues(_FineTune):
 
 
 class ModelLoss(nn.Module):
-    """Train parameters of the model itself (e.g. a DFT adapter's core values): forward(batch) → the model's loss."""
+    """Train the model's own trainable parameters (the benchmarks' Full-FT and LoRA baselines): forward(batch) → the
+    model's loss. DFT's own rounds train stand-ins instead (`DenseDeltas`, `LoRADeltas`, `CoreValues`)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -289,7 +290,7 @@ def check_engine(accelerator: Any) -> None:
     """Refuse the engines whose sharding the fine-tunes cannot read Δ from, before anything runs."""
     if accelerator is None:
         return
-    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    kind = accelerator.distributed_type  # a str enum: compares with its name
     if kind == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version != 2:
         raise ValueError("DFT edits under FSDP need FSDP2 (fsdp_version: 2 in the accelerate config, or "
                          "--fsdp_version 2): FSDP1's flat parameters do not keep the weights' shapes")

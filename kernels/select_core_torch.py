@@ -304,6 +304,19 @@ class _Buffer:
             yield keep
 
 
+def _torch_window(
+    window_fn: Callable, new: torch.Tensor, old: torch.Tensor, lo: int, hi: int, scale: float, out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """`window_cpu.window` in torch ops: (flat indices, keys, values fp32(Δnew)·scale, NaN/inf seen) of the chunk's
+    elements whose key lies in [lo, hi]; `out` is room for the chunk's keys."""
+    keys = out[: new.numel()]
+    bad = bool(window_fn(new, old, key_bound(lo), key_bound(hi), keys))
+    keys = keys.view(torch.int32)
+    local = keys.nonzero().squeeze(1)
+    vals = new[local].float()
+    return local, keys[local], vals * scale if scale != 1.0 else vals, bad
+
+
 def _stream_pass(
     names: list[str],
     new_deltas: Mapping[str, torch.Tensor],
@@ -327,43 +340,26 @@ def _stream_pass(
         return chunk_keys(gather_flat(new, idx), gather_flat(old, idx))[0]
 
     buffer = _Buffer(k, chunk, sure, rekey)
-    lo_bound, hi_bound = key_bound(lo), key_bound(min(hi, MAX_KEY + 1) - 1)
-    window = torch.empty(0)
-    native, scratch = window_cpu.library(), None
+    hi = min(hi, MAX_KEY + 1) - 1  # inclusive from here on
+    native, scratch, window = window_cpu.library(), None, torch.empty(0)
     for rank, name in enumerate(names):
         idx_dtype = index_dtype(math.prod(shapes[name]))
         for start, new_chunk, old_chunk in iter_delta_chunks(new_deltas, old_deltas, name, shapes[name], chunk):
             buffer.device = new_chunk.device
-            if native is not None and window_cpu.usable(new_chunk, old_chunk):  # one compiled loop per chunk
+            if native is not None and window_cpu.usable(new_chunk, old_chunk):
                 if scratch is None or scratch.index.numel() < new_chunk.numel():
                     scratch = window_cpu.Scratch(max(chunk, new_chunk.numel()))
-                lo_key, hi_key = (int(b.view(torch.int32)) for b in (lo_bound, hi_bound))
-                local, keys, vals, bad = window_cpu.window(native, new_chunk, old_chunk, lo_key, hi_key, scale,
-                                                           scratch)
-                if bad:
-                    raise_nonfinite(name)
-                if k and local.numel():
-                    floor = buffer.add(rank, keys, local.to(idx_dtype) + start, vals)
-                    if floor is not None:
-                        lo_bound = key_bound(max(int(lo_bound.view(torch.int32)), floor))
-                continue
-            if window.numel() < new_chunk.numel() or window.device != new_chunk.device:
-                window = torch.empty(max(chunk, new_chunk.numel()), device=new_chunk.device)
-            keys = window[: new_chunk.numel()]
-            if bool(window_fn(new_chunk, old_chunk, lo_bound, hi_bound, keys)):
+                local, keys, vals, bad = window_cpu.window(native, new_chunk, old_chunk, lo, hi, scale, scratch)
+            else:
+                if window.numel() < new_chunk.numel() or window.device != new_chunk.device:
+                    window = torch.empty(max(chunk, new_chunk.numel()), device=new_chunk.device)
+                local, keys, vals, bad = _torch_window(window_fn, new_chunk, old_chunk, lo, hi, scale, window)
+            if bad:
                 raise_nonfinite(name)
-            if k == 0:
-                continue
-            keys = keys.view(torch.int32)
-            local = keys.nonzero().squeeze(1)
-            if local.numel() == 0:
-                continue
-            vals = new_chunk[local].float()
-            if scale != 1.0:
-                vals = vals * scale
-            floor = buffer.add(rank, keys[local], (local + start).to(idx_dtype), vals)
-            if floor is not None:
-                lo_bound = key_bound(max(int(lo_bound.view(torch.int32)), floor))
+            if k and local.numel():
+                floor = buffer.add(rank, keys, local.to(idx_dtype) + start, vals)
+                if floor is not None:
+                    lo = max(lo, floor)
         buffer.seal(rank)
     return buffer
 
@@ -479,19 +475,17 @@ def delta_shapes(names: list[str], deltas: Mapping[str, torch.Tensor]) -> dict[s
     return {n: tuple(shape_of(n)) if shape_of else tuple(deltas[n].shape) for n in names}
 
 
-def _compact(keep: torch.Tensor, *tensors: torch.Tensor, step: int = 1 << 18) -> int:
-    """Move the kept entries of each tensor to its front, in place and in slices (temporaries stay small: writes
-    never overtake reads); return how many were kept. An (index, value) pair on the CPU goes through one C loop."""
+def _compact(keep: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, step: int = 1 << 18) -> int:
+    """Move the kept entries of `idx` and `vals` to their front, in place (one C loop on the CPU; otherwise in slices,
+    so temporaries stay small: writes never overtake reads); return how many were kept."""
     native = window_cpu.library()
-    if native is not None and len(tensors) == 2:
-        kept = window_cpu.compact(native, keep, *tensors)
-        if kept is not None:
-            return kept
+    if native is not None and window_cpu.compactable(keep, idx, vals):
+        return window_cpu.compact(native, keep, idx, vals)
     out = 0
     for start in range(0, keep.numel(), step):
         mask = keep[start : start + step]
         n = int(mask.sum())
-        for t in tensors:
+        for t in (idx, vals):
             t[out : out + n] = t[start : start + step][mask]
         out += n
     return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -54,6 +55,16 @@ def _cache_path(compiler: str) -> Path | None:
     return Path(root) / f"window_cpu-{key.hexdigest()[:16]}.so"
 
 
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Argument and result types of every entry point, set once."""
+    for new, old in itertools.product(_DTYPES.values(), repeat=2):
+        fn = getattr(lib, f"window_{new}_{old}")
+        fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int64
+    for fn in (lib.compact_i32, lib.compact_i64):
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int64
+    return lib
+
+
 def _build() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
@@ -61,7 +72,7 @@ def _build() -> ctypes.CDLL:
     cached = _cache_path(compiler)
     if cached is not None and cached.is_file():
         with contextlib.suppress(OSError):
-            return ctypes.CDLL(str(cached))
+            return _declare(ctypes.CDLL(str(cached)))
     with tempfile.TemporaryDirectory(prefix="dft_peft_") as tmp:
         target = os.path.join(tmp, "window_cpu.so")
         errors = []
@@ -75,7 +86,7 @@ def _build() -> ctypes.CDLL:
                         staged = cached.with_suffix(f".{os.getpid()}.tmp")
                         shutil.copyfile(target, staged)
                         os.replace(staged, cached)
-                return ctypes.CDLL(target)  # mapped: the file may go
+                return _declare(ctypes.CDLL(target))  # mapped: the file may go
             errors.append(done.stderr.strip().splitlines()[-1:] or ["?"])
         raise RuntimeError(f"compiling {SOURCE.name} failed: {errors[-1][0]}")
 
@@ -125,7 +136,6 @@ def window(
     global _pool
     n = new.numel()
     fn = getattr(lib, f"window_{_DTYPES[new.dtype]}_{_DTYPES[old.dtype]}")
-    fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int64
     parts = max(1, min(torch.get_num_threads(), n // MIN_PART))
     bounds = [n * p // parts for p in range(parts + 1)]
     flags = (ctypes.c_int32 * parts)()
@@ -150,13 +160,13 @@ def window(
     return index, key, value, any(flags)
 
 
-def compact(lib: ctypes.CDLL, keep: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> int | None:
-    """`select_core_torch._compact` for a contiguous CPU (int32/int64 index, float32 value) pair, in one C loop;
-    None when the tensors are of another kind (the caller's torch loop then runs)."""
-    kinds = {torch.int32: lib.compact_i32, torch.int64: lib.compact_i64}
-    if not (index.dtype in kinds and value.dtype == torch.float32 and keep.dtype == torch.bool
-            and all(t.device.type == "cpu" and t.is_contiguous() for t in (keep, index, value))):
-        return None
-    fn = kinds[index.dtype]
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int64
+def compactable(keep: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether `compact` takes these: contiguous CPU tensors, a bool mask, int32/int64 indices, float32 values."""
+    return (keep.dtype == torch.bool and index.dtype in (torch.int32, torch.int64) and value.dtype == torch.float32
+            and all(t.device.type == "cpu" and t.is_contiguous() for t in (keep, index, value)))
+
+
+def compact(lib: ctypes.CDLL, keep: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> int:
+    """Move the kept (index, value) entries to the front, in order and in place, in one C loop; return their number."""
+    fn = lib.compact_i32 if index.dtype == torch.int32 else lib.compact_i64
     return fn(keep.data_ptr(), keep.numel(), index.data_ptr(), value.data_ptr())
