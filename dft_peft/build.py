@@ -3,39 +3,84 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
-from safetensors import safe_open
 from torch import nn
 
 from .config import DFTConfig
 from .core import select_core
 from .edit_file import WEIGHTS_NAME
 from .finetune import LazyDeltas, flat_range
+from .kernels.select_core_torch import Terms
 from .layer import DFTLayer
 from .model import PEFT_PREFIX, DFTModel, adapter_to_edit
 
-MAPPED_BYTES = 16 << 20  # bytes read through the open handle before it is reopened
+HEADER_LIMIT = 100 << 20  # safetensors' own bound on the JSON header
+PREFETCH_MIN = 1 << 16  # bytes a streamed read must have for the next as many to be requested ahead
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a tensor lies in a safetensors file: its dtype name, shape and absolute byte range."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _read_header(file: str) -> dict[str, StoredTensor]:
+    """The tensors of one safetensors file, their byte ranges checked against the file (a corrupt or hostile header
+    gives a ValueError naming the file, never a read outside it)."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < length <= min(HEADER_LIMIT, size - 8):
+            raise ValueError(f"{file}: not a safetensors file (header length {length}, file size {size})")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{file}: not a safetensors file (header: {err})") from err
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: not a safetensors file (the header is not a JSON object)")
+    data, data_size = 8 + length, size - 8 - length
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            ok = (isinstance(dtype, str) and all(type(n) is int and n >= 0 for n in (*shape, begin, end))
+                  and begin <= end <= data_size)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{file}: the header entry of {name!r} is malformed or points outside the file")
+        tensors[name] = StoredTensor(file, dtype, tuple(shape), data + begin, data + end)
+    return tensors
 
 
 class CheckpointReader:
-    """Lazy tensor access to a safetensors checkpoint: one file, a directory with `model.safetensors`, or a sharded
-    directory with `model.safetensors.index.json`. Only the tensors asked for are read, one at a time.
+    """Tensor access to a safetensors checkpoint: one file, a directory with `model.safetensors`, or a sharded
+    directory with `model.safetensors.index.json`. Only the tensors (or the flat ranges of them) asked for are read.
 
-    One file stays open across reads (selection reads thousands of row blocks), but only for `MAPPED_BYTES` and until
-    another file is read: the pages read through its memory map stay resident, and count in the process's memory,
-    until the map is closed.
+    Reads are plain `read`s into tensors, not a memory map: mapped pages would count in the process's memory until
+    unmapped, and faulting them in costs more than the kernel's copy.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.files: dict[str, str] = {}
-        self.handle: tuple[str, Any] | None = None  # (file, open safe_open handle)
-        self.mapped = 0
+        self.stored: dict[str, StoredTensor] = {}
+        self.room = torch.empty(0, dtype=torch.uint8)
         if os.path.isfile(path):
             if not path.endswith(".safetensors"):
                 raise ValueError(f"{path}: checkpoints are read from safetensors files only")
@@ -53,23 +98,60 @@ class CheckpointReader:
             raise ValueError(f"{path}: no safetensors checkpoint (model.safetensors or model.safetensors.index.json)")
 
     def _add_file(self, file: str) -> None:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
-                self.files[name] = file
+        for name, stored in _read_header(file).items():
+            self.files[name], self.stored[name] = file, stored
+
+    def tensor(self, name: str) -> StoredTensor:
+        """Where `name` lies, its dtype a float one and its byte range matching its shape."""
+        if name not in self.stored:
+            if name not in self.files:
+                raise ValueError(f"{self.path}: the checkpoint has no tensor {name!r}")
+            self._add_file(self.files[name])
+            if name not in self.stored:
+                raise ValueError(f"{self.files[name]}: the index names {name!r} but the file does not hold it")
+        stored = self.stored[name]
+        if stored.dtype not in DTYPES:
+            raise ValueError(f"{stored.file}: {name!r} has dtype {stored.dtype}, not a float weight")
+        if stored.end - stored.begin != math.prod(stored.shape) * DTYPES[stored.dtype].itemsize:
+            raise ValueError(f"{stored.file}: {name!r}'s byte range does not match its shape {stored.shape}")
+        return stored
+
+    def read(self, name: str, start: int, length: int, stream: bool = False) -> torch.Tensor:
+        """Flat elements [start, start + length) of a tensor, as a fresh tensor; or, with `stream` (reading a file
+        front to back), in the reader's own room — valid until its next streamed read, no fresh pages per chunk —
+        with as many following bytes requested from the disk meanwhile (the page cache's readahead restarts with
+        every open and is too short to hide a cold disk behind the selection's work)."""
+        stored = self.tensor(name)
+        dtype = DTYPES[stored.dtype]
+        if not 0 <= start <= start + length <= math.prod(stored.shape):
+            raise ValueError(f"{self.path}: elements [{start}, {start + length}) are outside {name!r}")
+        nbytes = length * dtype.itemsize
+        if not stream:
+            target = torch.empty(nbytes, dtype=torch.uint8)
+        else:
+            if self.room.numel() < nbytes:
+                self.room = torch.empty(nbytes, dtype=torch.uint8)
+            target = self.room[:nbytes]
+        offset, view, done = stored.begin + start * dtype.itemsize, memoryview(target.numpy()), 0
+        with open(stored.file, "rb", buffering=0) as f:  # unbuffered: the kernel copies straight into `target`
+            f.seek(offset)
+            while done < nbytes:
+                got = f.readinto(view[done:])
+                if not got:
+                    raise ValueError(f"{stored.file}: the file ends inside {name!r} (truncated?)")
+                done += got
+            if stream and nbytes >= PREFETCH_MIN and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), offset + nbytes, nbytes, os.POSIX_FADV_WILLNEED)
+        return target.view(dtype)
 
     def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """A tensor, or only its `rows` (a slice of the first dimension)."""
-        if name not in self.files:
-            raise ValueError(f"{self.path}: the checkpoint has no tensor {name!r}")
-        file = self.files[name]
-        if self.handle is None or self.handle[0] != file:
-            self.handle, self.mapped = (file, safe_open(file, framework="pt")), 0  # the previous map is closed
-        handle = self.handle[1]
-        tensor = handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
-        self.mapped += tensor.numel() * tensor.element_size()
-        if self.mapped >= MAPPED_BYTES:
-            self.handle = None  # unmaps: the next read reopens the file
-        return tensor
+        """A tensor, or only its `rows` (a slice of the first dimension with step 1), as a fresh tensor."""
+        shape = self.tensor(name).shape
+        row = math.prod(shape[1:])
+        first, last, _ = (rows or slice(None)).indices(shape[0] if shape else 1)
+        last = max(first, last)
+        tensor = self.read(name, first * row, (last - first) * row)
+        return tensor.view(last - first, *shape[1:]) if shape else tensor.view(())
 
 
 def _is_lora_adapter(path: str) -> bool:
@@ -87,19 +169,29 @@ def checkpoint_deltas(path: str, layers: dict[str, DFTLayer]) -> LazyDeltas:
         return LazyDeltas(shapes, _lora_delta_fn(path, layers))
     reader = CheckpointReader(path)
 
-    def delta_rows(name: str, rows: slice = slice(None)) -> torch.Tensor:
-        weight = layers[name].get_base_layer().weight.detach()
-        tuned = reader.get(f"{name}.weight", rows)
-        expected = weight[rows].shape
-        if tuned.shape != expected:
-            raise ValueError(f"{path}: {name}.weight has shape {tuple(tuned.shape)}, the base model "
+    def base_and_key(name: str) -> tuple[torch.Tensor, str]:
+        weight, key = layers[name].get_base_layer().weight.detach(), f"{name}.weight"
+        if reader.tensor(key).shape != tuple(weight.shape):
+            raise ValueError(f"{path}: {key} has shape {reader.tensor(key).shape}, the base model "
                              f"{tuple(weight.shape)}: a checkpoint of another model?")
-        return tuned.to(weight.device, torch.float32).sub_(weight[rows])
+        return weight, key
+
+    def delta_rows(name: str, rows: slice = slice(None)) -> torch.Tensor:
+        weight, key = base_and_key(name)
+        return reader.get(key, rows).to(weight.device, torch.float32).sub_(weight[rows])
 
     def delta_range(name: str, start: int, length: int) -> torch.Tensor:
         return flat_range(lambda rows: delta_rows(name, rows), shapes[name], start, length)
 
-    return LazyDeltas(shapes, delta_rows, delta_range)
+    def terms_range(name: str, start: int, length: int) -> Terms:
+        weight, key = base_and_key(name)
+        if weight.is_contiguous():
+            base = weight.reshape(-1)[start : start + length]
+        else:
+            base = flat_range(lambda rows: weight[rows], shapes[name], start, length)
+        return Terms(reader.read(key, start, length, stream=True), base)
+
+    return LazyDeltas(shapes, delta_rows, delta_range, terms_range)
 
 
 def _lora_delta_fn(path: str, layers: dict[str, DFTLayer]) -> Callable[[str], torch.Tensor]:

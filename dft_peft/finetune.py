@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .distributed import Shard
+from .kernels.select_core_torch import Terms
 from .layer import DFTLayer
 from .metrics import encode_pairs
 
@@ -243,14 +244,17 @@ class LazyDeltas(Mapping[str, torch.Tensor]):
 
     `read_range(name, start, length)`, when given, returns flat elements [start, start + length) of a delta without
     computing the whole module: core selection then samples its threshold cheaply and streams each module a block
-    of rows at a time.
+    of rows at a time. `read_terms`, when given, returns the same range as `Terms` (fine-tuned weights and base), which
+    the CPU selection loop subtracts as it scores.
     """
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], compute: Callable[[str], torch.Tensor],
-                 read_range: Callable[[str, int, int], torch.Tensor] | None = None) -> None:
+                 read_range: Callable[[str, int, int], torch.Tensor] | None = None,
+                 read_terms: Callable[[str, int, int], Terms] | None = None) -> None:
         self.shapes = dict(shapes)
         self.compute = compute
         self.read_range = read_range
+        self.read_terms = read_terms
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.shapes:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 INT32_LIMIT = 2**31
+CHECK_BLOCK = 1 << 20  # entries checked at a time by `validate`
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -54,7 +55,8 @@ class SparseDelta:
     def validate(self, name: str = "delta") -> SparseDelta:
         """Raise ValueError unless indices are sorted, unique and in range and values finite; return self."""
         check_indices(self.indices, self.numel, name)
-        if self.nnz and not torch.isfinite(self.values).all():
+        if not all(bool(torch.isfinite(self.values[s : s + CHECK_BLOCK]).all())
+                   for s in range(0, self.nnz, CHECK_BLOCK)):
             raise ValueError(f"{name}: the delta values contain NaN or inf")
         return self
 
@@ -89,12 +91,14 @@ def check_indices(indices: torch.Tensor, numel: int, name: str) -> None:
     if first < 0 or last >= numel:
         bad = int(indices.min()) if first < 0 else int(indices.max())
         raise ValueError(f"{name}: index {bad} is outside the module's {numel} elements")
-    if indices.numel() > 1:
-        steps = indices[1:] - indices[:-1]
+    for start in range(0, indices.numel() - 1, CHECK_BLOCK):  # in blocks: no temporary as large as the core
+        block = indices[start : start + CHECK_BLOCK + 1]
+        steps = block[1:] - block[:-1]
         if not bool((steps > 0).all()):
             pos = int((steps <= 0).nonzero()[0])
             kind = "duplicated" if int(steps[pos]) == 0 else "unsorted"
-            raise ValueError(f"{name}: indices are {kind} at position {pos + 1}; they must be strictly increasing")
+            raise ValueError(f"{name}: indices are {kind} at position {start + pos + 1}; they must be strictly "
+                             "increasing")
 
 
 def coalesce(deltas: Iterable[SparseDelta], shape: tuple[int, ...] | None = None) -> SparseDelta:

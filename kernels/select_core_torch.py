@@ -31,6 +31,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from decimal import Decimal
+from typing import NamedTuple
 
 import torch
 
@@ -119,6 +120,19 @@ def _window_fn(total_numel: int) -> Callable:
     return _compiled
 
 
+class Terms(NamedTuple):
+    """A delta chunk kept as its two terms, Δ = fp32(tuned) − base (rounded once, as torch subtracts a bf16/fp16/fp32
+    base from an fp32 tensor): what a lazy mapping's `read_terms` returns, so that the C loop subtracts as it scores
+    instead of the reader writing the deltas out."""
+
+    tuned: torch.Tensor
+    base: torch.Tensor
+
+    def delta(self) -> torch.Tensor:
+        tuned = self.tuned.to(self.base.device, torch.float32)
+        return (tuned.clone() if tuned is self.tuned else tuned).sub_(self.base)  # never into the caller's tensor
+
+
 def check_deltas(new_deltas: Mapping[str, torch.Tensor], old_deltas: Mapping[str, torch.Tensor]) -> list[str]:
     """Check that both mappings name the same modules; return the names sorted (the tie-break order)."""
     if set(new_deltas) != set(old_deltas):
@@ -192,21 +206,42 @@ def iter_delta_chunks(
     """(flat offset, Δnew chunk, Δold chunk) over one module, each pair checked with `check_pair`.
 
     Lazy mappings that can `read_range` are read a block of whole rows at a time, so a delta computed on access (a
-    checkpoint minus the base, LoRA factors) never exists whole; tensors are chunked by `iter_chunk_pairs`.
+    checkpoint minus the base, LoRA factors) never exists whole; tensors are chunked by `iter_chunk_pairs`. Where
+    both can `read_terms`, the chunks are `Terms` (checked by `chunk_pair`).
     """
     if getattr(new_deltas, "read_range", None) is None or getattr(old_deltas, "read_range", None) is None:
         new, old = new_deltas[name], old_deltas[name]
         check_pair(name, new, old)
         yield from iter_chunk_pairs(new, old, chunk)
         return
+    terms = getattr(new_deltas, "read_terms", None) is not None and getattr(old_deltas, "read_terms", None) is not None
     numel = math.prod(shape)
     row = numel // shape[0] if len(shape) > 1 and shape[0] else 1
     step = max(1, chunk // max(row, 1)) * row
     for start in range(0, numel, step):
         length = min(step, numel - start)
+        if terms:
+            yield start, new_deltas.read_terms(name, start, length), old_deltas.read_terms(name, start, length)
+            continue
         new, old = read_range(new_deltas, name, start, length), read_range(old_deltas, name, start, length)
         check_pair(name, new, old)
         yield start, new, old
+
+
+def chunk_pair(
+    name: str, new: torch.Tensor | Terms, old: torch.Tensor | Terms, native: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(Δnew or new weights, Δold or old weights, base or None) for one chunk: `Terms` that share their base go to the
+    C `terms` loop as they are, other `Terms` become deltas here (and are checked with `check_pair`)."""
+    if not isinstance(new, Terms):
+        return new, old, None
+    base = new.base
+    if (native and isinstance(old, Terms) and old.base.data_ptr() == base.data_ptr() and old.base.dtype == base.dtype
+            and window_cpu.usable_terms(new.tuned, old.tuned, base)):
+        return new.tuned, old.tuned, base
+    new, old = new.delta(), old.delta() if isinstance(old, Terms) else old
+    check_pair(name, new, old)
+    return new, old, None
 
 
 def gather_flat(tensor: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -216,8 +251,63 @@ def gather_flat(tensor: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return tensor[torch.unravel_index(idx, tensor.shape)]
 
 
+class _Entries:
+    """The entries of the module being streamed, appended chunk by chunk into storage that grows geometrically.
+
+    Each chunk's entries are copied once, into pages touched once: joining them into fresh tensors per chunk and
+    again per module cost more than the copies themselves (fresh pages fault). The storage is sized by extrapolating
+    the module's count so far to its whole size. Positions are kept only while some entries go unkeyed (`_Buffer`).
+    """
+
+    def __init__(self, module: int, numel: int, device: torch.device, track_pos: bool) -> None:
+        self.module, self.numel, self.track_pos = module, numel, track_pos
+        self.n = self.keyed = 0
+        self.idx = torch.empty(0, dtype=index_dtype(numel), device=device)
+        self.vals = torch.empty(0, device=device)
+        self.pos = torch.empty(0, dtype=torch.int32, device=device)
+        self.keys = torch.empty(0, dtype=torch.int32, device=device)
+
+    def append(self, pieces: list[window_cpu.Piece | tuple], seen: int, shift: int) -> int:
+        """Copy a chunk's pieces in (`shift` added to their indices; a piece's positions may be None: all keyed);
+        `seen` is how many of the module's elements have been read. Returns how many entries were added."""
+        count, keyed = sum(p[0].numel() for p in pieces), sum(p[3].numel() for p in pieces)
+        self.idx, self.vals = (self._room(t, self.n, count, seen) for t in (self.idx, self.vals))
+        self.pos, self.keys = (self._room(t, self.keyed, keyed, seen) for t in (self.pos, self.keys))
+        for index, value, pos, key in pieces:
+            n, c, kc = self.n, index.numel(), key.numel()
+            self.idx[n : n + c].copy_(index)
+            if shift:
+                self.idx[n : n + c] += shift
+            self.vals[n : n + c].copy_(value)
+            if self.track_pos:
+                room = self.pos[self.keyed : self.keyed + kc]
+                torch.arange(n, n + c, out=room) if pos is None else torch.add(pos, n, out=room)
+            self.keys[self.keyed : self.keyed + kc].copy_(key)
+            self.n, self.keyed = n + c, self.keyed + kc
+        return count
+
+    def _room(self, t: torch.Tensor, used: int, more: int, seen: int) -> torch.Tensor:
+        if used + more <= t.numel():
+            return t
+        estimate = int((used + more) * self.numel / max(seen, 1) * 1.05) + 256
+        grown = torch.empty(min(max(estimate, t.numel() * 3 // 2, used + more), self.numel), dtype=t.dtype,
+                            device=t.device)
+        grown[:used].copy_(t[:used])
+        return grown
+
+    def part(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The entries as a `_Buffer` part: views of the storage, or copies where over 1/8 of it is slack."""
+
+        def trim(t: torch.Tensor, n: int) -> torch.Tensor:
+            return t[:n] if 8 * (t.numel() - n) <= t.numel() else t[:n].clone()
+
+        pos = trim(self.pos, self.keyed) if self.track_pos and self.keyed < self.n else None
+        return self.module, trim(self.idx, self.n), trim(self.vals, self.n), pos, trim(self.keys, self.keyed)
+
+
 class _Buffer:
-    """Selected entries in stream order, as parts (module, flat indices, values, keyed positions, keys).
+    """Selected entries in stream order, as parts (module, flat indices, values, keyed positions, keys), the module
+    being streamed in `_Entries`.
 
     Entries whose key reaches `sure` (the top of the sampled window) belong to the core unless the sample misled, so
     only the others keep their key (positions within the part; None: every entry keyed). Keys are 4 bytes per entry
@@ -225,25 +315,27 @@ class _Buffer:
     entries be needed (a cut mid-stream, or more than k sure entries), `rekey(module, indices)` recomputes them.
     """
 
-    def __init__(self, k: int, chunk: int, sure: int | None, rekey: Callable) -> None:
+    def __init__(self, k: int, chunk: int, sure: int | None, rekey: Callable, numels: list[int]) -> None:
         self.k = k
         self.cap = 2 * k + chunk
         self.sure = sure
         self.rekey = rekey
+        self.numels = numels
         self.parts: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+        self.open: _Entries | None = None
         self.size = 0
         self.device = torch.device("cpu")
 
-    def add(self, module: int, keys: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> int | None:
-        """Append entries; return a new (inclusive) key floor for later chunks when the buffer was cut."""
-        pos = None
-        if self.sure is not None:
-            pos = (keys < self.sure).nonzero().squeeze(1).int()
-            keys = keys[pos]
-        self.parts.append((module, idx, vals, pos, keys))
-        self.size += idx.numel()
+    def add(self, module: int, pieces: list, seen: int, shift: int) -> int | None:
+        """Append a chunk's pieces (see `_Entries.append`); return a new (inclusive) key floor for later chunks when
+        the buffer was cut."""
+        if self.open is None or self.open.module != module:
+            self.close()
+            self.open = _Entries(module, self.numels[module], pieces[0][0].device, self.sure is not None)
+        self.size += self.open.append(pieces, seen, shift)
         if self.size <= self.cap:
             return None
+        self.close()
         self.key_all()
         kth, above = self.threshold()
         masks = self.keep_masks(kth, above)
@@ -252,6 +344,12 @@ class _Buffer:
         self.size = self.k
         return kth + 1  # later entries lose ties to earlier ones
 
+    def close(self) -> None:
+        """Move the open module's entries to the parts."""
+        if self.open is not None:
+            self.parts.append(self.open.part())
+            self.open = None
+
     def key_all(self) -> None:
         """Give every entry its key (and stop sparing them)."""
         if self.sure is not None:
@@ -259,8 +357,9 @@ class _Buffer:
             self.sure = None
 
     def seal(self, module: int) -> None:
-        """Merge the module's trailing parts into one (its entries are complete): module-sized blocks, not chunk-sized
-        scraps, are what the final cut frees and replaces, which the heap can reuse."""
+        """Close the module and merge its parts into one (more than one only after a cut mid-module): module-sized
+        blocks, not chunk-sized scraps, are what the final cut frees and replaces, which the heap can reuse."""
+        self.close()
         first = len(self.parts)
         while first and self.parts[first - 1][0] == module:
             first -= 1
@@ -283,9 +382,14 @@ class _Buffer:
         if unkeyed >= self.k:  # k entries or more above the window: the sample misled
             self.key_all()
             unkeyed = 0
-        keys = torch.cat([p[4] for p in self.parts])  # the k-th key is among them
-        kth = int(torch.kthvalue(keys, keys.numel() - (self.k - unkeyed) + 1).values)
-        return kth, unkeyed + int((keys > kth).sum())
+        keys = [p[4] for p in self.parts]  # the k-th key is among them
+        native = window_cpu.library()
+        found = window_cpu.kth_largest(native, keys, self.k - unkeyed) if native is not None else None
+        if found is None:
+            keys = torch.cat(keys)
+            kth = int(torch.kthvalue(keys, keys.numel() - (self.k - unkeyed) + 1).values)
+            found = kth, int((keys > kth).sum())
+        return found[0], unkeyed + found[1]
 
     def keep_masks(self, kth: int, above: int):
         """Per part, the entries among the first k in (key desc, stream order), given the k-th key."""
@@ -305,16 +409,22 @@ class _Buffer:
 
 
 def _torch_window(
-    window_fn: Callable, new: torch.Tensor, old: torch.Tensor, lo: int, hi: int, scale: float, out: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """`window_cpu.window` in torch ops: (flat indices, keys, values fp32(Δnew)·scale, NaN/inf seen) of the chunk's
-    elements whose key lies in [lo, hi]; `out` is room for the chunk's keys."""
+    window_fn: Callable, new: torch.Tensor, old: torch.Tensor, lo: int, hi: int, sure: int, scale: float, offset: int,
+    out: torch.Tensor,
+) -> tuple[list[tuple], bool]:
+    """`window_cpu.window` in torch ops: one piece (int64 indices; positions None where `sure` keys all); `out` is
+    room for the chunk's keys."""
     keys = out[: new.numel()]
     bad = bool(window_fn(new, old, key_bound(lo), key_bound(hi), keys))
     keys = keys.view(torch.int32)
     local = keys.nonzero().squeeze(1)
+    if not local.numel():
+        return [], bad
     vals = new[local].float()
-    return local, keys[local], vals * scale if scale != 1.0 else vals, bad
+    keys = keys[local]
+    pos = (keys < sure).nonzero().squeeze(1).int() if sure <= MAX_KEY else None
+    piece = (local + offset, vals * scale if scale != 1.0 else vals, pos, keys if pos is None else keys[pos])
+    return [piece], bad
 
 
 def _stream_pass(
@@ -339,25 +449,29 @@ def _stream_pass(
         new, old = new_deltas[names[module]], old_deltas[names[module]]
         return chunk_keys(gather_flat(new, idx), gather_flat(old, idx))[0]
 
-    buffer = _Buffer(k, chunk, sure, rekey)
+    buffer = _Buffer(k, chunk, sure, rekey, [math.prod(shapes[n]) for n in names])
     hi = min(hi, MAX_KEY + 1) - 1  # inclusive from here on
     native, scratch, window = window_cpu.library(), None, torch.empty(0)
     for rank, name in enumerate(names):
         idx_dtype = index_dtype(math.prod(shapes[name]))
         for start, new_chunk, old_chunk in iter_delta_chunks(new_deltas, old_deltas, name, shapes[name], chunk):
+            new_chunk, old_chunk, base = chunk_pair(name, new_chunk, old_chunk, native is not None)
             buffer.device = new_chunk.device
-            if native is not None and window_cpu.usable(new_chunk, old_chunk):
+            sure_key = MAX_KEY + 1 if buffer.sure is None else buffer.sure
+            offset = start if idx_dtype == torch.int32 else 0  # the C loop's indices are int32
+            if native is not None and (base is not None or window_cpu.usable(new_chunk, old_chunk)):
                 if scratch is None or scratch.index.numel() < new_chunk.numel():
                     scratch = window_cpu.Scratch(max(chunk, new_chunk.numel()))
-                local, keys, vals, bad = window_cpu.window(native, new_chunk, old_chunk, lo, hi, scale, scratch)
+                pieces, bad = window_cpu.window(native, new_chunk, old_chunk, lo, hi, sure_key, scale, offset,
+                                                scratch, base)
             else:
                 if window.numel() < new_chunk.numel() or window.device != new_chunk.device:
                     window = torch.empty(max(chunk, new_chunk.numel()), device=new_chunk.device)
-                local, keys, vals, bad = _torch_window(window_fn, new_chunk, old_chunk, lo, hi, scale, window)
+                pieces, bad = _torch_window(window_fn, new_chunk, old_chunk, lo, hi, sure_key, scale, offset, window)
             if bad:
                 raise_nonfinite(name)
-            if k and local.numel():
-                floor = buffer.add(rank, keys, local.to(idx_dtype) + start, vals)
+            if k and pieces:
+                floor = buffer.add(rank, pieces, start + new_chunk.numel(), start - offset)
                 if floor is not None:
                     lo = max(lo, floor)
         buffer.seal(rank)
@@ -401,17 +515,23 @@ def sample_keys(
             runs[row : row + hi - lo] = torch.where(inside, keys, -1)
             row += hi - lo
             continue
-        for start in local.tolist():
-            length = min(RUN, sizes[i] - start)
-            new = read_range(new_deltas, name, start, length)
-            old = read_range(old_deltas, name, start, length)
-            runs[row, :length] = chunk_keys(new, old)[0].cpu()
-            row += 1
+        new, old = (torch.zeros(hi - lo, RUN) for _ in range(2))  # the module's runs, keyed in one go
+        lengths = (sizes[i] - local).clamp_(max=RUN)
+        for j, (start, length) in enumerate(zip(local.tolist(), lengths.tolist())):
+            new[j, :length] = read_range(new_deltas, name, start, length)
+            old[j, :length] = read_range(old_deltas, name, start, length)
+        keys = chunk_keys(new, old)[0]
+        runs[row : row + hi - lo] = torch.where(torch.arange(RUN) < lengths[:, None], keys, -1)
+        row += hi - lo
     return runs
 
 
 def read_range(deltas: Mapping[str, torch.Tensor], name: str, start: int, length: int) -> torch.Tensor:
-    """Flat elements [start, start + length) of a module's delta; a lazy mapping may provide `read_range`."""
+    """Flat elements [start, start + length) of a module's delta; a lazy mapping may provide `read_terms` (preferred:
+    it reads just those elements, where a delta's `read_range` may compute whole rows) or `read_range`."""
+    terms = getattr(deltas, "read_terms", None)
+    if terms is not None:
+        return terms(name, start, length).delta()
     reader = getattr(deltas, "read_range", None)
     if reader is not None:
         return reader(name, start, length)

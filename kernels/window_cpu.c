@@ -1,10 +1,13 @@
 /* Fused score + key-window compaction for core selection on the CPU: the rule of select_core_torch.chunk_window
  * followed by nonzero and gather, in one read of Δnew and Δold.
  *
- * For each element i: x = fp32(Δnew[i]), y = fp32(Δold[i]); it is a candidate when x and y have opposite signs,
+ * For each element i: x = fp32(Δnew[i]), y = fp32(Δold[i]) — or, for the `terms` loops, which read two fine-tuned
+ * checkpoints and the base they started from, x = fp32(new[i]) − fp32(base[i]) and y = fp32(old[i]) − fp32(base[i]),
+ * each rounded once to fp32 as torch computes them; it is a candidate when x and y have opposite signs,
  * magnitudes below FLT_MIN counting as no sign; its key is the int32 bit pattern of |x − y| (0 for non-candidates).
- * Elements whose key lies in [lo, hi] are written, in index order, as (base + i, key, x · scale); the count is
- * returned.
+ * Elements whose key lies in [lo, hi] are written, in index order, as (base + i, x · scale); the count is returned.
+ * Those whose key is also below `sure` (the keys whose rank the final cut has to compare) are written a second time,
+ * as (position in the first list, key), and *keyed counts them.
  * A NaN or inf in either input sets *nonfinite.
  *
  * Compiled at run time by window_cpu.py (plain C99, no torch headers), strict IEEE arithmetic (no -ffast-math), so
@@ -49,17 +52,20 @@ static inline float load_f16(const void *p, int64_t i) { /* exact IEEE half → 
 }
 #endif
 
-#define DEFINE_WINDOW(NAME, LOAD_X, LOAD_Y)                                                                          \
-    int64_t NAME(const void *x, const void *y, int64_t n, int32_t base, int32_t lo, int32_t hi, float scale,    \
-                 int32_t *index, int32_t *key, float *value, int32_t *nonfinite) {                               \
-        int64_t count = 0;                                                                                        \
+/* X and Y are expressions of the element index i (inputs x, y and, for the terms loops, b). */
+#define DEFINE_WINDOW(NAME, X, Y)                                                                                   \
+    int64_t NAME(const void *x, const void *y, const void *b, int64_t n, int32_t base, int32_t lo, int32_t hi,   \
+                 int32_t sure, float scale, int32_t *index, float *value, int32_t *pos, int32_t *key,             \
+                 int64_t *keyed, int32_t *nonfinite) {                                                            \
+        int64_t count = 0, with_key = 0;                                                                          \
         int32_t bad = 0;                                                                                          \
         float a[BLOCK];                                                                                           \
         int32_t k[BLOCK];                                                                                         \
         for (int64_t start = 0; start < n; start += BLOCK) {                                                      \
             int len = n - start < BLOCK ? (int)(n - start) : BLOCK;                                               \
             for (int j = 0; j < len; j++) {                                                                       \
-                float u = LOAD_X(x, start + j), v = LOAD_Y(y, start + j), d = fabsf(u - v);                       \
+                int64_t i = start + j;                                                                            \
+                float u = X, v = Y, d = fabsf(u - v);                                                             \
                 int32_t bits, candidate = ((u >= FLT_MIN) & (v <= -FLT_MIN)) | ((u <= -FLT_MIN) & (v >= FLT_MIN)); \
                 memcpy(&bits, &d, sizeof bits);                                                                   \
                 bad |= !(fabsf(u) <= FLT_MAX) | !(fabsf(v) <= FLT_MAX);                                           \
@@ -75,27 +81,42 @@ static inline float load_f16(const void *p, int64_t i) { /* exact IEEE half → 
                     int j = g + __builtin_ctz(kept);                                                              \
                     kept &= kept - 1;                                                                             \
                     index[count] = base + (int32_t)start + j;                                                     \
-                    key[count] = k[j];                                                                            \
                     value[count] = a[j];                                                                          \
+                    pos[with_key] = (int32_t)count;                                                               \
+                    key[with_key] = k[j];                                                                         \
+                    with_key += k[j] < sure;                                                                      \
                     count++;                                                                                      \
                 }                                                                                                 \
             }                                                                                                     \
         }                                                                                                         \
+        *keyed = with_key;                                                                                        \
         *nonfinite |= bad;                                                                                        \
         return count;                                                                                             \
     }
 
-/* window_<Δnew dtype>_<Δold dtype> */
+/* window_<Δnew dtype>_<Δold dtype> (b unused) */
 #define DEFINE_ROW(X, LOAD_X)                                                                                     \
-    DEFINE_WINDOW(window_##X##_f32, LOAD_X, load_f32)                                                             \
-    DEFINE_WINDOW(window_##X##_f64, LOAD_X, load_f64)                                                             \
-    DEFINE_WINDOW(window_##X##_bf16, LOAD_X, load_bf16)                                                           \
-    DEFINE_WINDOW(window_##X##_f16, LOAD_X, load_f16)
+    DEFINE_WINDOW(window_##X##_f32, LOAD_X(x, i), load_f32(y, i))                                                 \
+    DEFINE_WINDOW(window_##X##_f64, LOAD_X(x, i), load_f64(y, i))                                                 \
+    DEFINE_WINDOW(window_##X##_bf16, LOAD_X(x, i), load_bf16(y, i))                                               \
+    DEFINE_WINDOW(window_##X##_f16, LOAD_X(x, i), load_f16(y, i))
 
 DEFINE_ROW(f32, load_f32)
 DEFINE_ROW(f64, load_f64)
 DEFINE_ROW(bf16, load_bf16)
 DEFINE_ROW(f16, load_f16)
+
+/* terms_<checkpoints' dtype>_<base dtype>: x and y are the new and old checkpoints, b the base */
+#define DEFINE_TERMS(T, LOAD_T, B, LOAD_B)                                                                        \
+    DEFINE_WINDOW(terms_##T##_##B, LOAD_T(x, i) - LOAD_B(b, i), LOAD_T(y, i) - LOAD_B(b, i))
+#define DEFINE_TERMS_ROW(T, LOAD_T)                                                                               \
+    DEFINE_TERMS(T, LOAD_T, f32, load_f32)                                                                        \
+    DEFINE_TERMS(T, LOAD_T, bf16, load_bf16)                                                                      \
+    DEFINE_TERMS(T, LOAD_T, f16, load_f16)
+
+DEFINE_TERMS_ROW(f32, load_f32)
+DEFINE_TERMS_ROW(bf16, load_bf16)
+DEFINE_TERMS_ROW(f16, load_f16)
 
 /* Stable in-place compaction of an (index, value) buffer: entries with keep[i] move to the front, in order; returns
  * how many were kept (the final cut of core selection, where nearly every entry is kept). */
@@ -112,3 +133,30 @@ DEFINE_ROW(f16, load_f16)
 
 DEFINE_COMPACT(compact_i32, int32_t)
 DEFINE_COMPACT(compact_i64, int64_t)
+
+/* The k-th largest key over `parts` (1 ≤ k ≤ their total; keys ≥ 0) and, in *above, how many keys exceed it: the
+ * exact threshold of the buffer's cut as two histogram passes over the keys' 16-bit halves, instead of a selection
+ * that moves them. `hist` is room for 65536 counts. */
+int32_t kth_largest(const int32_t *const *parts, const int64_t *sizes, int64_t nparts, int64_t k, int64_t *hist,
+                    int64_t *above) {
+    int64_t before = 0, b = 65535;
+    memset(hist, 0, 65536 * sizeof *hist);
+    for (int64_t p = 0; p < nparts; p++)
+        for (int64_t i = 0; i < sizes[p]; i++)
+            hist[(uint32_t)parts[p][i] >> 16]++;
+    while (b > 0 && before + hist[b] < k)
+        before += hist[b--];
+    uint32_t high = (uint32_t)b;
+    memset(hist, 0, 65536 * sizeof *hist);
+    for (int64_t p = 0; p < nparts; p++)
+        for (int64_t i = 0; i < sizes[p]; i++) {
+            uint32_t key = (uint32_t)parts[p][i];
+            if (key >> 16 == high)
+                hist[key & 0xffffu]++;
+        }
+    b = 65535;
+    while (b > 0 && before + hist[b] < k)
+        before += hist[b--];
+    *above = before;
+    return (int32_t)(high << 16 | (uint32_t)b);
+}

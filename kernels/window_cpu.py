@@ -8,6 +8,9 @@ build is kept in ~/.cache/dft_peft, or $DFT_PEFT_CACHE, for later processes on t
 through ctypes, which releases the GIL, so the parts of a chunk run on `torch.get_num_threads()` threads. Where no
 compiler is found the torch path runs instead, with the same bits.
 
+A second family of loops (`terms`) takes two fine-tuned checkpoints and the base weights instead of the deltas and
+forms Δnew = new − base and Δold = old − base on the fly, so `build_edit` never writes the deltas out.
+
 `DFT_PEFT_CPU_KERNEL=torch` forces the torch path, `=c` requires this one (an error if it cannot be built).
 """
 
@@ -32,8 +35,9 @@ SOURCE = Path(__file__).with_name("window_cpu.c")
 MIN_PART = 1 << 16  # elements per thread, at least
 FLAGS = ["-O3", "-std=c99", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared"]  # strict IEEE otherwise
 _DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
-_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
-             ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+_TERM_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}  # checkpoints and base
+_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
+             ctypes.c_int32, ctypes.c_int32, ctypes.c_float, *[ctypes.c_void_p] * 6]
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -57,11 +61,16 @@ def _cache_path(compiler: str) -> Path | None:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Argument and result types of every entry point, set once."""
-    for new, old in itertools.product(_DTYPES.values(), repeat=2):
-        fn = getattr(lib, f"window_{new}_{old}")
+    names = [f"window_{new}_{old}" for new, old in itertools.product(_DTYPES.values(), repeat=2)]
+    names += [f"terms_{tuned}_{base}" for tuned, base in itertools.product(_TERM_DTYPES.values(), repeat=2)]
+    for name in names:
+        fn = getattr(lib, name)
         fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int64
     for fn in (lib.compact_i32, lib.compact_i64):
         fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int64
+    lib.kth_largest.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                ctypes.c_void_p]
+    lib.kth_largest.restype = ctypes.c_int32
     return lib
 
 
@@ -118,34 +127,55 @@ def usable(new: torch.Tensor, old: torch.Tensor) -> bool:
             and old.dtype in _DTYPES and new.is_contiguous() and old.is_contiguous())
 
 
+def usable_terms(new: torch.Tensor, old: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether two checkpoints' chunks and the base's can go through a `terms` loop: contiguous CPU tensors of one
+    size, both checkpoints of one dtype, fp32/bf16/fp16 (where torch, too, subtracts in fp32)."""
+    return (usable(new, old) and usable(new, base) and new.dtype == old.dtype and new.dtype in _TERM_DTYPES
+            and base.dtype in _TERM_DTYPES and new.numel() == old.numel() == base.numel())
+
+
 class Scratch:
-    """Reusable output room for one chunk (int32 index, int32 key, float32 value per element): 12 bytes per element
-    of the largest chunk, allocated once per pass so that no chunk pays for fresh pages."""
+    """Reusable output room for one chunk (int32 index, float32 value, int32 position and int32 key per element): 16
+    bytes per element of the largest chunk, allocated once per pass so that no chunk pays for fresh pages."""
 
     def __init__(self, capacity: int) -> None:
         self.index = torch.empty(capacity, dtype=torch.int32)
-        self.key = torch.empty(capacity, dtype=torch.int32)
         self.value = torch.empty(capacity, dtype=torch.float32)
+        self.pos = torch.empty(capacity, dtype=torch.int32)
+        self.key = torch.empty(capacity, dtype=torch.int32)
+
+
+Piece = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (index, value, position, key)
 
 
 def window(
-    lib: ctypes.CDLL, new: torch.Tensor, old: torch.Tensor, lo: int, hi: int, scale: float, scratch: Scratch
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """(flat indices within the chunk as int32, keys, values fp32(Δnew)·scale, NaN/inf seen) of the elements whose
-    key lies in [lo, hi], in index order. Fresh tensors (the scratch is reused by the next chunk)."""
+    lib: ctypes.CDLL, new: torch.Tensor, old: torch.Tensor, lo: int, hi: int, sure: int, scale: float, offset: int,
+    scratch: Scratch, base: torch.Tensor | None = None,
+) -> tuple[list[Piece], bool]:
+    """The chunk's elements whose key lies in [lo, hi], in index order, and whether the chunk holds NaN/inf.
+
+    They come as pieces, one per thread that found any, each (offset + flat index as int32, value fp32(Δnew)·scale,
+    position within the piece of each entry whose key is below `sure`, that entry's key): views of the scratch,
+    valid until its next use. offset + numel must fit in int32. With `base` (see `usable_terms`), `new` and `old`
+    are the fine-tuned weights and the deltas their differences from it.
+    """
     global _pool
     n = new.numel()
-    fn = getattr(lib, f"window_{_DTYPES[new.dtype]}_{_DTYPES[old.dtype]}")
+    if base is None:
+        fn = getattr(lib, f"window_{_DTYPES[new.dtype]}_{_DTYPES[old.dtype]}")
+    else:
+        fn = getattr(lib, f"terms_{_TERM_DTYPES[new.dtype]}_{_TERM_DTYPES[base.dtype]}")
     parts = max(1, min(torch.get_num_threads(), n // MIN_PART))
     bounds = [n * p // parts for p in range(parts + 1)]
-    flags = (ctypes.c_int32 * parts)()
-    new_ptr, old_ptr = new.data_ptr(), old.data_ptr()
+    flags, keyed = (ctypes.c_int32 * parts)(), (ctypes.c_int64 * parts)()
+    inputs = [(t.data_ptr(), t.element_size()) for t in (new, old, base if base is not None else new)]
 
     def run(p: int) -> int:
         start = bounds[p]
-        return fn(new_ptr + start * new.element_size(), old_ptr + start * old.element_size(), bounds[p + 1] - start,
-                  start, lo, hi, scale, scratch.index[start:].data_ptr(), scratch.key[start:].data_ptr(),
-                  scratch.value[start:].data_ptr(), ctypes.byref(flags, 4 * p))
+        x, y, b = (ptr + start * size for ptr, size in inputs)
+        out = (t[start:].data_ptr() for t in (scratch.index, scratch.value, scratch.pos, scratch.key))
+        return fn(x, y, b, bounds[p + 1] - start, offset + start, lo, hi, sure, scale, *out,
+                  ctypes.byref(keyed, 8 * p), ctypes.byref(flags, 4 * p))
 
     if parts == 1:
         counts = [run(0)]
@@ -153,11 +183,9 @@ def window(
         if _pool is None or _pool[0] != os.getpid() or _pool[1] < parts:  # a forked child has no pool threads
             _pool = (os.getpid(), parts, ThreadPoolExecutor(max_workers=parts, thread_name_prefix="dft_peft_window"))
         counts = list(_pool[2].map(run, range(parts)))
-    pieces = [(bounds[p], counts[p]) for p in range(parts) if counts[p]]
-    index = torch.cat([scratch.index[s : s + c] for s, c in pieces]) if pieces else scratch.index[:0].clone()
-    key = torch.cat([scratch.key[s : s + c] for s, c in pieces]) if pieces else scratch.key[:0].clone()
-    value = torch.cat([scratch.value[s : s + c] for s, c in pieces]) if pieces else scratch.value[:0].clone()
-    return index, key, value, any(flags)
+    pieces = [(scratch.index[s : s + c], scratch.value[s : s + c], scratch.pos[s : s + kc], scratch.key[s : s + kc])
+              for s, c, kc in zip(bounds, counts, keyed) if c]
+    return pieces, any(flags)
 
 
 def compactable(keep: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> bool:
@@ -170,3 +198,16 @@ def compact(lib: ctypes.CDLL, keep: torch.Tensor, index: torch.Tensor, value: to
     """Move the kept (index, value) entries to the front, in order and in place, in one C loop; return their number."""
     fn = lib.compact_i32 if index.dtype == torch.int32 else lib.compact_i64
     return fn(keep.data_ptr(), keep.numel(), index.data_ptr(), value.data_ptr())
+
+
+def kth_largest(lib: ctypes.CDLL, keys: list[torch.Tensor], k: int) -> tuple[int, int] | None:
+    """(k-th largest key, number of keys above it) over int32 key tensors, without joining them; None where the C
+    function does not take these tensors (not contiguous int32 on the CPU)."""
+    if not all(t.dtype == torch.int32 and t.device.type == "cpu" and t.is_contiguous() for t in keys):
+        return None
+    keys = [t for t in keys if t.numel()]
+    parts = (ctypes.c_void_p * len(keys))(*(t.data_ptr() for t in keys))
+    sizes = (ctypes.c_int64 * len(keys))(*(t.numel() for t in keys))
+    hist, above = torch.empty(1 << 16, dtype=torch.int64), ctypes.c_int64()
+    kth = lib.kth_largest(parts, sizes, len(keys), k, hist.data_ptr(), ctypes.byref(above))
+    return kth, above.value

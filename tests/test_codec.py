@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from dft_peft import sparse
 from dft_peft.codec import decode_indices, encode_indices, encoded_size_bytes, entropy_bound_bits
 from dft_peft.sparse import check_indices
 
@@ -224,6 +225,24 @@ def test_rejects_set_bits_past_stream_end(edit):
 def test_rejects_invalid_decoded_indices(indices, numel, low_bits, problem):
     """Well-formed streams whose indices are duplicated, unsorted or out of range."""
     reject(reference_code(indices, numel, low_bits), meta_for(numel, len(indices), low_bits), numel, problem)
+
+
+@pytest.mark.parametrize(("position", "value", "problem"), [
+    (4, 6, "duplicated at position 4"),  # indices 0, 2, 4, …: the last pair of the first block
+    (5, 3, "unsorted at position 5"),  # the first pair of the second block
+    (11, 20, "duplicated at position 11"),
+])
+def test_check_indices_across_blocks(monkeypatch, position, value, problem):
+    """Indices are checked a block at a time: a bad pair is found, at its position, wherever the blocks split."""
+    monkeypatch.setattr(sparse, "CHECK_BLOCK", 4)
+    indices = torch.arange(0, 40, 2, dtype=torch.int32)
+    indices[position] = value
+    with pytest.raises(ValueError, match=problem):
+        check_indices(indices, 64, "m")
+    values = torch.ones(20)
+    values[13] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sparse.SparseDelta(torch.arange(20, dtype=torch.int32), values, (20,)).validate()
 
 
 def test_corrupted_codes_decode_validly_or_raise_value_error():

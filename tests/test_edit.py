@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 
 import pytest
 import torch
@@ -46,8 +47,9 @@ def manual_fine_tune(model, tokenizer, prompts, answers, args, gen):
 
 
 def weight_deltas(tuned, base):
+    """fp32(tuned) − fp32(base), as deltas are read from checkpoints whatever their dtype."""
     modules = dict(base.named_modules())
-    return {n: (m.weight.detach() - modules[n].weight.detach()) for n, m in tuned.named_modules()
+    return {n: (m.weight.detach().float() - modules[n].weight.detach().float()) for n, m in tuned.named_modules()
             if any(n.endswith(t) for t in TARGETS)}
 
 
@@ -130,21 +132,41 @@ def test_delta_sources_and_strategies(source):
             assert report.rounds[1].kind == "locate" and report.rounds[1].adapter_size >= first.adapter_size
 
 
-def test_build_edit_from_checkpoints_equals_in_process(tmp_path, monkeypatch):
-    # Reopened after every KiB read (and on every switch between shards): reopening must not change what is read.
-    monkeypatch.setattr(importlib.import_module("dft_peft.build"), "MAPPED_BYTES", 1024)
+@pytest.fixture(scope="module")
+def fine_tuned_pair():
+    """(base, old fine-tune, new fine-tune) of a tiny Llama, trained once for the build_edit tests."""
     tokenizer, base = tiny_tokenizer(), tiny_llama()
     args = EditArguments(epochs=2, learning_rate=0.5, optimizer="sgd", batch_size=2)
     gen = torch.Generator().manual_seed(0)
     prompts = [f["prompt"] for f in TOY_FACTS]
     old = manual_fine_tune(base, tokenizer, prompts, [f["target_old"] for f in TOY_FACTS], args, gen)
     new = manual_fine_tune(base, tokenizer, prompts, [f["target_new"] for f in TOY_FACTS], args, gen)
+    return base, old, new
+
+
+@pytest.mark.parametrize("kernel", ["c", "torch"])
+@pytest.mark.parametrize(("base_dtype", "checkpoint_dtype"), [(torch.float32, torch.float32),
+                                                               (torch.bfloat16, torch.bfloat16),
+                                                               (torch.bfloat16, torch.float32),
+                                                               (torch.float16, torch.float64)])
+def test_build_edit_from_checkpoints_equals_in_process(tmp_path, monkeypatch, fine_tuned_pair, kernel, base_dtype,
+                                                       checkpoint_dtype):
+    # The C loop subtracts the base as it scores (the torch path reads the deltas first): same bits, any dtypes.
+    monkeypatch.setenv("DFT_PEFT_CPU_KERNEL", kernel)
+    monkeypatch.setattr(importlib.import_module("dft_peft.kernels.select_core_torch"), "CHUNK", 512)
+    window_cpu, with_base = importlib.import_module("dft_peft.kernels.window_cpu"), []
+    window = window_cpu.window
+    monkeypatch.setattr(window_cpu, "window", lambda *args: with_base.append(args[-1] is not None) or window(*args))
+    base, old, new = (copy.deepcopy(m) for m in fine_tuned_pair)
+    base, old, new = base.to(base_dtype), old.to(checkpoint_dtype), new.to(checkpoint_dtype)
     old.save_pretrained(tmp_path / "old")
     new.save_pretrained(tmp_path / "new", max_shard_size="20KB")  # sharded, with an index
     assert (tmp_path / "new" / "model.safetensors.index.json").exists()
     config = dft_peft.DFTConfig(top_t=0.05, lam=2.0, target_modules=TARGETS)
 
     built = dft_peft.build_edit(copy.deepcopy(base), str(tmp_path / "old"), str(tmp_path / "new"), config)
+    terms_loop = kernel == "c" and checkpoint_dtype != torch.float64  # fp64 checkpoints are subtracted first
+    assert (all(with_base) and any(with_base)) == terms_loop and (not with_base) == (kernel == "torch")
     in_process = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
     in_process.add_core(dft_peft.select_core(weight_deltas(new, base), weight_deltas(old, base), config.top_t))
     expected = in_process.base_model.get_core()
@@ -152,6 +174,44 @@ def test_build_edit_from_checkpoints_equals_in_process(tmp_path, monkeypatch):
         assert torch.equal(delta.indices, expected[name].indices)
         assert torch.equal(delta.values, expected[name].values)
     assert sum(d.nnz for d in expected.values()) > 0
+
+
+def corrupt_checkpoint(tmp_path, mutate=None, header: bytes | None = None, cut: int = 0) -> str:
+    """A copy of a real checkpoint whose header entries went through `mutate`, or whose header is `header`, or
+    without its last `cut` bytes (negative: only the first -cut bytes kept)."""
+    tiny_llama().save_pretrained(tmp_path / "good")
+    data = (tmp_path / "good" / "model.safetensors").read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    if mutate is not None:
+        entries = json.loads(data[8 : 8 + length])
+        for name, entry in entries.items():
+            if name != "__metadata__":
+                mutate(entry)
+        header = json.dumps(entries).encode()
+    if header is not None:
+        data = len(header).to_bytes(8, "little") + header + data[8 + length :]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.safetensors").write_bytes(data[: len(data) - cut if cut >= 0 else -cut])
+    return str(tmp_path / "bad")
+
+
+@pytest.mark.parametrize(("corruption", "message"), [
+    ({"header": b"[1, 2]"}, "not a JSON object"),
+    ({"header": b"{not json"}, "not a safetensors file"),
+    ({"cut": -100}, "header length"),
+    ({"mutate": lambda e: e.update(data_offsets=[0, 1 << 40])}, "points outside the file"),
+    ({"mutate": lambda e: e.update(shape="x")}, "malformed"),
+    ({"mutate": lambda e: e.update(dtype="I8")}, "not a float weight"),
+    ({"mutate": lambda e: e.update(shape=[1, 1])}, "does not match its shape"),
+    ({"cut": 64}, "points outside the file"),
+])
+def test_build_edit_refuses_a_corrupt_checkpoint(tmp_path, corruption, message):
+    path = corrupt_checkpoint(tmp_path, **corruption)
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        dft_peft.build_edit(model, path, path, dft_peft.DFTConfig(target_modules=TARGETS))
+    assert_unchanged(model, before)
 
 
 def test_build_edit_from_lora_adapters(tmp_path):

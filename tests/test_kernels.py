@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import os
 import random
 import shutil
@@ -349,6 +350,45 @@ def test_select_range_readable_mapping_never_reads_a_whole_module(monkeypatch, s
         assert lazy_new.whole_reads == lazy_old.whole_reads == 0
 
 
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+def test_select_int64_indices(gen, monkeypatch, kernel):
+    """Modules past 2³¹ elements take int64 indices (the C loop's are int32, shifted as they are stored): forced here
+    on small modules, with chunks smaller than the modules."""
+    monkeypatch.setenv("DFT_PEFT_CPU_KERNEL", kernel)
+    monkeypatch.setattr(select_torch, "CHUNK", 256)
+    monkeypatch.setattr(select_torch, "index_dtype", lambda numel: torch.int64)
+    new, old = random_deltas(gen, 5)
+    for selection in ("global", "per_module"):
+        got = select_core_torch(new, old, 0.1, selection)
+        want = select_core_naive(new, old, 0.1, selection)
+        for name, w in want.items():
+            assert got[name].indices.dtype == torch.int64
+            assert torch.equal(got[name].indices, w.indices.long()) and torch.equal(got[name].values, w.values)
+
+
+def test_entries_grow_past_their_estimate(gen):
+    """A module's storage is sized from its first chunks; a later chunk with many more entries grows it, and the part
+    equals the pieces joined (positions shifted to the module, None where every entry is keyed)."""
+    pieces = []
+    for count in (3, 5, 900, 0, 40):
+        index = torch.arange(count, dtype=torch.int32) * 2
+        keyed = torch.randperm(count, generator=gen)[: count // 3].sort().values.int()
+        pieces.append((index, rand(gen, count), keyed, torch.randint(1, 99, (keyed.numel(),), dtype=torch.int32)))
+    entries = select_torch._Entries(module=0, numel=100_000, device=torch.device("cpu"), track_pos=True)
+    for i, piece in enumerate(pieces):
+        entries.append([piece], seen=(i + 1) * 1000, shift=10 * i)
+    module, idx, vals, pos, keys = entries.part()
+    before = [0, *itertools.accumulate(p[0].numel() for p in pieces)]
+    assert module == 0 and idx.dtype == torch.int32
+    assert torch.equal(idx, torch.cat([p[0] + 10 * i for i, p in enumerate(pieces)]))
+    assert torch.equal(vals, torch.cat([p[1] for p in pieces]))
+    assert torch.equal(pos, torch.cat([p[2] + b for p, b in zip(pieces, before)]))
+    assert torch.equal(keys, torch.cat([p[3] for p in pieces]))
+    every = select_torch._Entries(module=1, numel=10, device=torch.device("cpu"), track_pos=True)
+    every.append([(torch.arange(4, dtype=torch.int32), rand(gen, 4), None, torch.ones(4, dtype=torch.int32))], 10, 0)
+    assert every.part()[3] is None
+
+
 def test_sampled_window_allows_for_clustered_runs(monkeypatch):
     """Rows of very different scales (as real deltas have): the sampled runs of one row vary together, and the window
     must allow for it, so one pass suffices; the result is exact either way. (Counting the runs' elements as
@@ -423,8 +463,47 @@ def test_c_loop_build_is_kept_for_later_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(window_cpu, "_library", None)
     monkeypatch.setattr(window_cpu.subprocess, "run", lambda *a, **kw: pytest.fail("compiled again"))
     new, old = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([-1.0, 1.0, 0.25])
-    local, *_ = window_cpu.window(window_cpu.library(), new, old, 1, select_torch.MAX_KEY, 1.0, window_cpu.Scratch(3))
-    assert local.tolist() == [0, 1]
+    pieces, _ = window_cpu.window(window_cpu.library(), new, old, *WHOLE_WINDOW, window_cpu.Scratch(3))
+    assert joined((pieces, False))[0].tolist() == [0, 1]
+
+
+WHOLE_WINDOW = (1, select_torch.MAX_KEY, select_torch.MAX_KEY + 1, 1.0, 0)  # lo, hi, sure, scale, offset: all kept
+
+
+def joined(got):
+    """(index, value, positions or None if all keyed, keys, NaN/inf seen) of `window_cpu.window`'s pieces."""
+    pieces, bad = got
+    before = [0, *itertools.accumulate(p[0].numel() for p in pieces)]
+    index, values, pos, keys = (torch.cat([p[f] for p in pieces] or [torch.empty(0, dtype=torch.int32)])
+                                for f in range(4))
+    if pieces:
+        values = torch.cat([p[1] for p in pieces])
+        pos = torch.cat([p[2] + b for p, b in zip(pieces, before)])
+    return index, values, None if keys.numel() == index.numel() else pos, keys, bad
+
+
+def check_window(got, keys: torch.Tensor, delta: torch.Tensor, lo: int, hi: int, sure: int, offset: int) -> None:
+    """`window_cpu.window`'s result against torch ops on the chunk's keys and fp32 Δnew (scale 0.3)."""
+    index, values, pos, got_keys, bad = joined(got)
+    want = ((keys >= lo) & (keys <= hi)).nonzero().squeeze(1)
+    want_pos = (keys[want] < sure).nonzero().squeeze(1)
+    assert not bad and index.dtype == torch.int32
+    assert torch.equal(index.long(), want + offset)
+    assert torch.equal(values.view(torch.int32), (delta[want] * 0.3).view(torch.int32))
+    assert (pos is None) == (want_pos.numel() == want.numel())
+    if pos is not None:
+        assert torch.equal(pos.long(), want_pos)
+    assert torch.equal(got_keys, keys[want][want_pos])
+
+
+def window_bounds(keys: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(lo, hi, sure) triples: everything, keys exactly at both bounds, and `sure` inside, below and above."""
+    bounds = [(1, select_torch.MAX_KEY, select_torch.MAX_KEY + 1)]
+    present = keys[keys > 0]
+    if present.numel():
+        lo, hi, mid = int(present.min()), int(present.max()), int(present.median())
+        bounds += [(lo, hi, mid), (hi, hi, hi), (lo + 1, max(lo + 1, hi - 1), lo), (lo, hi, hi + 1)]
+    return bounds
 
 
 @pytest.mark.skipif("c" not in CPU_KERNELS, reason="the C loop cannot be built here")
@@ -439,18 +518,30 @@ def test_c_loop_matches_torch_chunk_pass(gen, new_dtype, old_dtype):
     old = rand(gen, n, dtype=old_dtype, levels=4)
     new[: min(n, 3)] = torch.tensor([0.0, 1e-39, -2.0], dtype=torch.float64)[: min(n, 3)].to(new_dtype)
     keys, _ = select_torch.chunk_keys(new, old)
-    present = keys[keys > 0]
     scratch = window_cpu.Scratch(n)
-    bounds = [(1, select_torch.MAX_KEY)]
-    if present.numel():
-        lo, hi = int(present.min()), int(present.max())
-        bounds += [(lo, hi), (hi, hi), (lo + 1, max(lo + 1, hi - 1))]
-    for lo, hi in bounds:
-        local, got_keys, values, bad = window_cpu.window(lib, new, old, lo, hi, 0.3, scratch)
-        want = ((keys >= lo) & (keys <= hi)).nonzero().squeeze(1)
-        assert not bad and local.dtype == torch.int32
-        assert torch.equal(local.long(), want) and torch.equal(got_keys, keys[want])
-        assert torch.equal(values.view(torch.int32), (new[want].float() * 0.3).view(torch.int32))
+    for lo, hi, sure in window_bounds(keys):
+        got = window_cpu.window(lib, new, old, lo, hi, sure, 0.3, 1000, scratch)
+        check_window(got, keys, new.float(), lo, hi, sure, 1000)
+
+
+@pytest.mark.skipif("c" not in CPU_KERNELS, reason="the C loop cannot be built here")
+@pytest.mark.parametrize("tuned_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_c_terms_loop_matches_torch_subtraction(gen, tuned_dtype, base_dtype):
+    """The `terms` loops (two checkpoints and their base) against torch subtracting first (`Terms.delta`), with
+    checkpoint values equal to the base (Δ = 0) and differences that round."""
+    lib = window_cpu.library()
+    n = int(torch.randint(1, 3000, (), generator=gen))
+    base = rand(gen, n, dtype=base_dtype)
+    new, old = ((base.float() + rand(gen, n, levels=64) * 1e-2).to(tuned_dtype) for _ in range(2))
+    new[: n // 4] = base[: n // 4].to(tuned_dtype)
+    assert window_cpu.usable_terms(new, old, base)
+    delta_new, delta_old = select_torch.Terms(new, base).delta(), select_torch.Terms(old, base).delta()
+    keys, _ = select_torch.chunk_keys(delta_new, delta_old)
+    scratch = window_cpu.Scratch(n)
+    for lo, hi, sure in window_bounds(keys):
+        got = window_cpu.window(lib, new, old, lo, hi, sure, 0.3, 7, scratch, base)
+        check_window(got, keys, delta_new, lo, hi, sure, 7)
 
 
 @pytest.mark.skipif("c" not in CPU_KERNELS, reason="the C loop cannot be built here")
@@ -460,14 +551,14 @@ def test_c_loop_flags_nonfinite_and_splits_across_threads(gen, bad):
     lib = window_cpu.library()
     n = 3 * window_cpu.MIN_PART + 17
     new, old = rand(gen, n), rand(gen, n)
+    keys = select_torch.chunk_keys(new, old)[0]
     scratch = window_cpu.Scratch(n)
-    local, _, _, flagged = window_cpu.window(lib, new, old, 1, select_torch.MAX_KEY, 1.0, scratch)
-    assert not flagged
-    assert torch.equal(local.long(), (select_torch.chunk_keys(new, old)[0] > 0).nonzero().squeeze(1))
+    for lo, hi, sure in window_bounds(keys):
+        check_window(window_cpu.window(lib, new, old, lo, hi, sure, 0.3, 5, scratch), keys, new, lo, hi, sure, 5)
     old[n - 5] = bad
-    assert window_cpu.window(lib, new, old, 1, select_torch.MAX_KEY, 1.0, scratch)[3]
+    assert window_cpu.window(lib, new, old, *WHOLE_WINDOW, scratch)[1]
     empty = torch.empty(0)
-    assert window_cpu.window(lib, empty, empty, 1, select_torch.MAX_KEY, 1.0, scratch)[0].numel() == 0
+    assert window_cpu.window(lib, empty, empty, *WHOLE_WINDOW, scratch) == ([], False)
 
 
 # --- scatter-merge ------------------------------------------------------------------------------------------------
