@@ -15,7 +15,8 @@ Each measurement runs in a fresh subprocess:
   safetensors maps tensors lazily) and discarded.
 
 Peak memory is the RSS high-water mark (VmHWM, reset via /proc/self/clear_refs once the model is resident) minus the
-RSS at that moment: what the measured call adds, mapped checkpoint pages included. A thread samples RssAnon and
+RSS at that moment: what the measured call adds, mapped checkpoint pages included (the plain read maps them;
+build_edit reads into its own buffers). A thread samples RssAnon and
 RssFile every 10 ms for the split and the plot. "cold" runs first evict the old and new checkpoints from the page
 cache (posix_fadvise DONTNEED on files this script wrote; nothing else is touched), "warm" runs read them cached.
 Each measurement runs `--repeats` times, build_edit and plain read interleaved so that a slow spell of the shared
@@ -354,6 +355,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=("build", "read"), help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.worker:
         print(json.dumps(worker(args.worker, args.workdir, args.top_t, args.profile)))
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -47,7 +48,7 @@ def _read_header(file: str) -> dict[str, StoredTensor]:
             raise ValueError(f"{file}: not a safetensors file (header length {length}, file size {size})")
         try:
             header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, absurd numbers or nesting
             raise ValueError(f"{file}: not a safetensors file (header: {err})") from err
     if not isinstance(header, dict):
         raise ValueError(f"{file}: not a safetensors file (the header is not a JSON object)")
@@ -58,7 +59,8 @@ def _read_header(file: str) -> dict[str, StoredTensor]:
             continue
         try:
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            ok = (isinstance(dtype, str) and all(type(n) is int and n >= 0 for n in (*shape, begin, end))
+            ok = (isinstance(dtype, str) and isinstance(shape, list)
+                  and all(type(n) is int and n >= 0 for n in (*shape, begin, end))
                   and begin <= end <= data_size)
         except (TypeError, KeyError, ValueError):
             ok = False
@@ -90,8 +92,12 @@ class CheckpointReader:
                 weight_map = json.load(f).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index} has no weight_map")
+            root = os.path.abspath(path)
             for name, file in weight_map.items():
-                self.files[name] = os.path.join(path, file)
+                full = os.path.abspath(os.path.join(root, str(file)))
+                if os.path.commonpath([root, full]) != root:
+                    raise ValueError(f"{index}: {name!r} is mapped to {file!r}, outside the checkpoint directory")
+                self.files[name] = full
         elif os.path.isfile(single := os.path.join(path, "model.safetensors")):
             self._add_file(single)
         else:
@@ -111,7 +117,8 @@ class CheckpointReader:
                 raise ValueError(f"{self.files[name]}: the index names {name!r} but the file does not hold it")
         stored = self.stored[name]
         if stored.dtype not in DTYPES:
-            raise ValueError(f"{stored.file}: {name!r} has dtype {stored.dtype}, not a float weight")
+            raise ValueError(f"{stored.file}: {name!r} has dtype {stored.dtype}, not a float weight that DFT reads "
+                             f"({', '.join(DTYPES)})")
         if stored.end - stored.begin != math.prod(stored.shape) * DTYPES[stored.dtype].itemsize:
             raise ValueError(f"{stored.file}: {name!r}'s byte range does not match its shape {stored.shape}")
         return stored
@@ -141,14 +148,17 @@ class CheckpointReader:
                     raise ValueError(f"{stored.file}: the file ends inside {name!r} (truncated?)")
                 done += got
             if stream and nbytes >= PREFETCH_MIN and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(f.fileno(), offset + nbytes, nbytes, os.POSIX_FADV_WILLNEED)
+                with contextlib.suppress(OSError):  # a hint: some filesystems refuse it
+                    os.posix_fadvise(f.fileno(), offset + nbytes, nbytes, os.POSIX_FADV_WILLNEED)
         return target.view(dtype)
 
     def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """A tensor, or only its `rows` (a slice of the first dimension with step 1), as a fresh tensor."""
         shape = self.tensor(name).shape
         row = math.prod(shape[1:])
-        first, last, _ = (rows or slice(None)).indices(shape[0] if shape else 1)
+        first, last, step = (rows or slice(None)).indices(shape[0] if shape else 1)
+        if step != 1:
+            raise ValueError(f"reading rows {rows} of {name!r}: only contiguous rows (step 1) are read")
         last = max(first, last)
         tensor = self.read(name, first * row, (last - first) * row)
         return tensor.view(last - first, *shape[1:]) if shape else tensor.view(())
@@ -180,9 +190,6 @@ def checkpoint_deltas(path: str, layers: dict[str, DFTLayer]) -> LazyDeltas:
         weight, key = base_and_key(name)
         return reader.get(key, rows).to(weight.device, torch.float32).sub_(weight[rows])
 
-    def delta_range(name: str, start: int, length: int) -> torch.Tensor:
-        return flat_range(lambda rows: delta_rows(name, rows), shapes[name], start, length)
-
     def terms_range(name: str, start: int, length: int) -> Terms:
         weight, key = base_and_key(name)
         if weight.is_contiguous():
@@ -191,7 +198,7 @@ def checkpoint_deltas(path: str, layers: dict[str, DFTLayer]) -> LazyDeltas:
             base = flat_range(lambda rows: weight[rows], shapes[name], start, length)
         return Terms(reader.read(key, start, length, stream=True), base)
 
-    return LazyDeltas(shapes, delta_rows, delta_range, terms_range)
+    return LazyDeltas(shapes, delta_rows, read_terms=terms_range)
 
 
 def _lora_delta_fn(path: str, layers: dict[str, DFTLayer]) -> Callable[[str], torch.Tensor]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .distributed import Shard
-from .kernels.select_core_torch import Terms
 from .layer import DFTLayer
 from .metrics import encode_pairs
+
+if TYPE_CHECKING:
+    from .kernels.select_core_torch import Terms
 
 try:
     from torch.distributed.tensor import DTensor
@@ -245,7 +247,8 @@ class LazyDeltas(Mapping[str, torch.Tensor]):
     `read_range(name, start, length)`, when given, returns flat elements [start, start + length) of a delta without
     computing the whole module: core selection then samples its threshold cheaply and streams each module a block
     of rows at a time. `read_terms`, when given, returns the same range as `Terms` (fine-tuned weights and base), which
-    the CPU selection loop subtracts as it scores.
+    the CPU selection loop subtracts as it scores; its `tuned` tensor may be a buffer that the next `read_terms` call
+    overwrites (a streaming reader's), so use it before reading again.
     """
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], compute: Callable[[str], torch.Tensor],

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 INT32_LIMIT = 2**31
-CHECK_BLOCK = 1 << 20  # entries checked at a time by `validate`
+CHECK_BLOCK = 1 << 20  # entries checked at a time by `check_indices` and `validate`
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -93,10 +93,10 @@ def check_indices(indices: torch.Tensor, numel: int, name: str) -> None:
         raise ValueError(f"{name}: index {bad} is outside the module's {numel} elements")
     for start in range(0, indices.numel() - 1, CHECK_BLOCK):  # in blocks: no temporary as large as the core
         block = indices[start : start + CHECK_BLOCK + 1]
-        steps = block[1:] - block[:-1]
-        if not bool((steps > 0).all()):
-            pos = int((steps <= 0).nonzero()[0])
-            kind = "duplicated" if int(steps[pos]) == 0 else "unsorted"
+        increasing = block[1:] > block[:-1]  # compared, not subtracted: narrow index dtypes would wrap
+        if not bool(increasing.all()):
+            pos = int((~increasing).nonzero()[0])
+            kind = "duplicated" if bool(block[pos + 1] == block[pos]) else "unsorted"
             raise ValueError(f"{name}: indices are {kind} at position {start + pos + 1}; they must be strictly "
                              "increasing")
 

@@ -205,11 +205,11 @@ def iter_delta_chunks(
 ):
     """(flat offset, Δnew chunk, Δold chunk) over one module, each pair checked with `check_pair`.
 
-    Lazy mappings that can `read_range` are read a block of whole rows at a time, so a delta computed on access (a
+    Lazy mappings that are `range_readable` are read a block of whole rows at a time, so a delta computed on access (a
     checkpoint minus the base, LoRA factors) never exists whole; tensors are chunked by `iter_chunk_pairs`. Where
     both can `read_terms`, the chunks are `Terms` (checked by `chunk_pair`).
     """
-    if getattr(new_deltas, "read_range", None) is None or getattr(old_deltas, "read_range", None) is None:
+    if not (range_readable(new_deltas) and range_readable(old_deltas)):
         new, old = new_deltas[name], old_deltas[name]
         check_pair(name, new, old)
         yield from iter_chunk_pairs(new, old, chunk)
@@ -263,25 +263,27 @@ class _Entries:
         self.module, self.numel, self.track_pos = module, numel, track_pos
         self.n = self.keyed = 0
         self.idx = torch.empty(0, dtype=index_dtype(numel), device=device)
-        self.vals = torch.empty(0, device=device)
-        self.pos = torch.empty(0, dtype=torch.int32, device=device)
+        self.vals = torch.empty(0, dtype=torch.float32, device=device)
+        self.pos = torch.empty(0, dtype=index_dtype(numel), device=device)
         self.keys = torch.empty(0, dtype=torch.int32, device=device)
 
-    def append(self, pieces: list[window_cpu.Piece | tuple], seen: int, shift: int) -> int:
-        """Copy a chunk's pieces in (`shift` added to their indices; a piece's positions may be None: all keyed);
-        `seen` is how many of the module's elements have been read. Returns how many entries were added."""
+    def append(self, pieces: list[window_cpu.Piece], seen: int, shift: int) -> int:
+        """Copy a chunk's pieces in (`shift` added to their indices; positions, None from the torch pass when every
+        entry is keyed, are kept only when tracked); `seen` is how many of the module's elements have been read.
+        Returns how many entries were added."""
         count, keyed = sum(p[0].numel() for p in pieces), sum(p[3].numel() for p in pieces)
         self.idx, self.vals = (self._room(t, self.n, count, seen) for t in (self.idx, self.vals))
-        self.pos, self.keys = (self._room(t, self.keyed, keyed, seen) for t in (self.pos, self.keys))
+        self.keys = self._room(self.keys, self.keyed, keyed, seen)
+        if self.track_pos:
+            self.pos = self._room(self.pos, self.keyed, keyed, seen)
         for index, value, pos, key in pieces:
             n, c, kc = self.n, index.numel(), key.numel()
             self.idx[n : n + c].copy_(index)
             if shift:
                 self.idx[n : n + c] += shift
             self.vals[n : n + c].copy_(value)
-            if self.track_pos:
-                room = self.pos[self.keyed : self.keyed + kc]
-                torch.arange(n, n + c, out=room) if pos is None else torch.add(pos, n, out=room)
+            if self.track_pos:  # then every piece has positions (its `sure` is a real key bound)
+                torch.add(pos, n, out=self.pos[self.keyed : self.keyed + kc])
             self.keys[self.keyed : self.keyed + kc].copy_(key)
             self.n, self.keyed = n + c, self.keyed + kc
         return count
@@ -326,7 +328,7 @@ class _Buffer:
         self.size = 0
         self.device = torch.device("cpu")
 
-    def add(self, module: int, pieces: list, seen: int, shift: int) -> int | None:
+    def add(self, module: int, pieces: list[window_cpu.Piece], seen: int, shift: int) -> int | None:
         """Append a chunk's pieces (see `_Entries.append`); return a new (inclusive) key floor for later chunks when
         the buffer was cut."""
         if self.open is None or self.open.module != module:
@@ -411,7 +413,7 @@ class _Buffer:
 def _torch_window(
     window_fn: Callable, new: torch.Tensor, old: torch.Tensor, lo: int, hi: int, sure: int, scale: float, offset: int,
     out: torch.Tensor,
-) -> tuple[list[tuple], bool]:
+) -> tuple[list[window_cpu.Piece], bool]:
     """`window_cpu.window` in torch ops: one piece (int64 indices; positions None where `sure` keys all); `out` is
     room for the chunk's keys."""
     keys = out[: new.numel()]
@@ -499,7 +501,7 @@ def sample_keys(
     starts = torch.randint(0, total, (max(1, SAMPLE // RUN),), generator=gen).sort().values
     bounds = torch.tensor([0, *sizes]).cumsum(0)
     runs = torch.full((starts.numel(), RUN), -1, dtype=torch.int32)
-    ranged = getattr(new_deltas, "read_range", None) is not None or getattr(old_deltas, "read_range", None) is not None
+    ranged = range_readable(new_deltas) or range_readable(old_deltas)
     row = 0
     for i, name in enumerate(names):
         lo, hi = int(torch.searchsorted(starts, bounds[i])), int(torch.searchsorted(starts, bounds[i + 1]))
@@ -541,9 +543,14 @@ def read_range(deltas: Mapping[str, torch.Tensor], name: str, start: int, length
     return gather_flat(tensor, torch.arange(start, start + length, device=tensor.device))
 
 
+def range_readable(deltas: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a lazy mapping reads flat ranges of a delta (`read_range` or `read_terms`) without the whole module."""
+    return getattr(deltas, "read_range", None) is not None or getattr(deltas, "read_terms", None) is not None
+
+
 def samplable(deltas: Mapping[str, torch.Tensor]) -> bool:
     """In-memory tensors, or a lazy mapping that can read a range without computing the whole module."""
-    return isinstance(deltas, dict) or getattr(deltas, "read_range", None) is not None
+    return isinstance(deltas, dict) or range_readable(deltas)
 
 
 def sampled_window(sample: torch.Tensor, k: int, total: int, z: float = 4.0) -> tuple[int, int]:

@@ -145,7 +145,8 @@ class Scratch:
         self.key = torch.empty(capacity, dtype=torch.int32)
 
 
-Piece = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (index, value, position, key)
+# (index, value, position, key) of a chunk's kept entries; position None (torch pass only): every entry keyed
+Piece = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor]
 
 
 def window(
@@ -206,6 +207,8 @@ def kth_largest(lib: ctypes.CDLL, keys: list[torch.Tensor], k: int) -> tuple[int
     if not all(t.dtype == torch.int32 and t.device.type == "cpu" and t.is_contiguous() for t in keys):
         return None
     keys = [t for t in keys if t.numel()]
+    if not 1 <= k <= sum(t.numel() for t in keys):
+        raise ValueError(f"kth_largest: k = {k} is not between 1 and the number of keys")
     parts = (ctypes.c_void_p * len(keys))(*(t.data_ptr() for t in keys))
     sizes = (ctypes.c_int64 * len(keys))(*(t.numel() for t in keys))
     hist, above = torch.empty(1 << 16, dtype=torch.int64), ctypes.c_int64()

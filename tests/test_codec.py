@@ -245,6 +245,13 @@ def test_check_indices_across_blocks(monkeypatch, position, value, problem):
         sparse.SparseDelta(torch.arange(20, dtype=torch.int32), values, (20,)).validate()
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_check_indices_narrow_dtypes_do_not_wrap(dtype):
+    """5 then 3 is unsorted in every index dtype (a subtraction would wrap to 254 in uint8)."""
+    with pytest.raises(ValueError, match="unsorted at position 1"):
+        check_indices(torch.tensor([5, 3], dtype=dtype), 64, "m")
+
+
 def test_corrupted_codes_decode_validly_or_raise_value_error():
     """Random corruption of code or meta never escapes as another exception or an invalid support."""
     numel = 300

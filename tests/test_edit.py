@@ -198,6 +198,8 @@ def corrupt_checkpoint(tmp_path, mutate=None, header: bytes | None = None, cut: 
 @pytest.mark.parametrize(("corruption", "message"), [
     ({"header": b"[1, 2]"}, "not a JSON object"),
     ({"header": b"{not json"}, "not a safetensors file"),
+    ({"header": b"[" * 100_000}, "not a safetensors file"),
+    ({"mutate": lambda e: e.update(shape="")}, "malformed"),
     ({"cut": -100}, "header length"),
     ({"mutate": lambda e: e.update(data_offsets=[0, 1 << 40])}, "points outside the file"),
     ({"mutate": lambda e: e.update(shape="x")}, "malformed"),
@@ -212,6 +214,32 @@ def test_build_edit_refuses_a_corrupt_checkpoint(tmp_path, corruption, message):
     with pytest.raises(ValueError, match=message):
         dft_peft.build_edit(model, path, path, dft_peft.DFTConfig(target_modules=TARGETS))
     assert_unchanged(model, before)
+
+
+def test_checkpoint_reader_reads_rows_and_ranges(tmp_path):
+    """Rows and flat ranges as safetensors stores them; a stepped slice is refused rather than read as contiguous."""
+    from dft_peft.build import CheckpointReader
+
+    model = tiny_llama(torch.bfloat16)
+    model.save_pretrained(tmp_path / "m")
+    reader, name = CheckpointReader(str(tmp_path / "m")), "model.layers.1.mlp.up_proj.weight"
+    weight = model.get_parameter(name).detach()
+    assert torch.equal(reader.get(name), weight) and torch.equal(reader.get(name, slice(3, 7)), weight[3:7])
+    assert torch.equal(reader.read(name, 5, 70, stream=True), weight.reshape(-1)[5:75])
+    with pytest.raises(ValueError, match="step 1"):
+        reader.get(name, slice(0, 8, 2))
+    with pytest.raises(ValueError, match="outside"):
+        reader.read(name, weight.numel() - 3, 4)
+
+
+def test_checkpoint_index_cannot_name_files_outside_its_directory(tmp_path):
+    from dft_peft.build import CheckpointReader
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.layers.0.mlp.up_proj.weight": "../elsewhere.safetensors"}}))
+    with pytest.raises(ValueError, match="outside the checkpoint directory"):
+        CheckpointReader(str(tmp_path / "ckpt"))
 
 
 def test_build_edit_from_lora_adapters(tmp_path):

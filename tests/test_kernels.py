@@ -368,7 +368,7 @@ def test_select_int64_indices(gen, monkeypatch, kernel):
 
 def test_entries_grow_past_their_estimate(gen):
     """A module's storage is sized from its first chunks; a later chunk with many more entries grows it, and the part
-    equals the pieces joined (positions shifted to the module, None where every entry is keyed)."""
+    equals the pieces joined (positions shifted to the module; none stored where they are not tracked)."""
     pieces = []
     for count in (3, 5, 900, 0, 40):
         index = torch.arange(count, dtype=torch.int32) * 2
@@ -384,9 +384,9 @@ def test_entries_grow_past_their_estimate(gen):
     assert torch.equal(vals, torch.cat([p[1] for p in pieces]))
     assert torch.equal(pos, torch.cat([p[2] + b for p, b in zip(pieces, before)]))
     assert torch.equal(keys, torch.cat([p[3] for p in pieces]))
-    every = select_torch._Entries(module=1, numel=10, device=torch.device("cpu"), track_pos=True)
+    every = select_torch._Entries(module=1, numel=10, device=torch.device("cpu"), track_pos=False)
     every.append([(torch.arange(4, dtype=torch.int32), rand(gen, 4), None, torch.ones(4, dtype=torch.int32))], 10, 0)
-    assert every.part()[3] is None
+    assert every.part()[3] is None and every.pos.numel() == 0
 
 
 def test_sampled_window_allows_for_clustered_runs(monkeypatch):
@@ -542,6 +542,23 @@ def test_c_terms_loop_matches_torch_subtraction(gen, tuned_dtype, base_dtype):
     for lo, hi, sure in window_bounds(keys):
         got = window_cpu.window(lib, new, old, lo, hi, sure, 0.3, 7, scratch, base)
         check_window(got, keys, delta_new, lo, hi, sure, 7)
+
+
+@pytest.mark.skipif("c" not in CPU_KERNELS, reason="the C loop cannot be built here")
+def test_c_kth_largest_matches_kthvalue(gen):
+    """The histogram select against `torch.kthvalue` over parts: ties, keys in the lowest and highest bins, k = 1 and
+    k = all."""
+    lib = window_cpu.library()
+    pools = [torch.randint(1, 1 << 31, (500,), generator=gen, dtype=torch.int64).int(),
+             torch.randint(0x7F7FFFF0, 0x7F800001, (300,), generator=gen, dtype=torch.int64).int(),
+             torch.randint(0, 3, (300,), generator=gen, dtype=torch.int32), torch.full((50,), 77, dtype=torch.int32)]
+    for keys in [*pools, torch.cat(pools)]:
+        parts = list(keys.split(int(torch.randint(1, 400, (), generator=gen))))
+        for k in {1, keys.numel(), int(torch.randint(1, keys.numel() + 1, (), generator=gen))}:
+            kth = int(torch.kthvalue(keys, keys.numel() - k + 1).values)
+            assert window_cpu.kth_largest(lib, [*parts, keys[:0]], k) == (kth, int((keys > kth).sum()))
+        with pytest.raises(ValueError, match="k = 0"):
+            window_cpu.kth_largest(lib, parts, 0)
 
 
 @pytest.mark.skipif("c" not in CPU_KERNELS, reason="the C loop cannot be built here")
