@@ -82,7 +82,8 @@ class CheckpointReader:
         self.path = path
         self.files: dict[str, str] = {}
         self.stored: dict[str, StoredTensor] = {}
-        self.room = torch.empty(0, dtype=torch.uint8)
+        self.rooms = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]  # for `stream` reads
+        self.turn = 0
         if os.path.isfile(path):
             if not path.endswith(".safetensors"):
                 raise ValueError(f"{path}: checkpoints are read from safetensors files only")
@@ -125,9 +126,10 @@ class CheckpointReader:
 
     def read(self, name: str, start: int, length: int, stream: bool = False) -> torch.Tensor:
         """Flat elements [start, start + length) of a tensor, as a fresh tensor; or, with `stream` (reading a file
-        front to back), in the reader's own room — valid until its next streamed read, no fresh pages per chunk —
-        with as many following bytes requested from the disk meanwhile (the page cache's readahead restarts with
-        every open and is too short to hide a cold disk behind the selection's work)."""
+        front to back), in one of the reader's two rooms, used in turn — valid until the second streamed read after
+        it (selection reads a chunk ahead), no fresh pages per chunk — with as many following bytes requested from
+        the disk meanwhile (the page cache's readahead restarts with every open and is too short to hide a cold disk
+        behind the selection's work)."""
         stored = self.tensor(name)
         dtype = DTYPES[stored.dtype]
         if not 0 <= start <= start + length <= math.prod(stored.shape):
@@ -136,9 +138,10 @@ class CheckpointReader:
         if not stream:
             target = torch.empty(nbytes, dtype=torch.uint8)
         else:
-            if self.room.numel() < nbytes:
-                self.room = torch.empty(nbytes, dtype=torch.uint8)
-            target = self.room[:nbytes]
+            self.turn ^= 1
+            if self.rooms[self.turn].numel() < nbytes:
+                self.rooms[self.turn] = torch.empty(nbytes, dtype=torch.uint8)
+            target = self.rooms[self.turn][:nbytes]
         offset, view, done = stored.begin + start * dtype.itemsize, memoryview(target.numpy()), 0
         with open(stored.file, "rb", buffering=0) as f:  # unbuffered: the kernel copies straight into `target`
             f.seek(offset)

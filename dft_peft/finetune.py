@@ -247,8 +247,8 @@ class LazyDeltas(Mapping[str, torch.Tensor]):
     `read_range(name, start, length)`, when given, returns flat elements [start, start + length) of a delta without
     computing the whole module: core selection then samples its threshold cheaply and streams each module a block
     of rows at a time. `read_terms`, when given, returns the same range as `Terms` (fine-tuned weights and base), which
-    the CPU selection loop subtracts as it scores; its `tuned` tensor may be a buffer that the next `read_terms` call
-    overwrites (a streaming reader's), so use it before reading again.
+    the CPU selection loop subtracts as it scores; its `tuned` tensor may be a buffer that a later `read_terms` call
+    overwrites (a streaming reader's two, used in turn: selection reads one chunk ahead).
     """
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], compute: Callable[[str], torch.Tensor],

@@ -30,6 +30,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import NamedTuple
 
@@ -46,6 +47,7 @@ MIN_CHUNK = 1 << 16
 SAMPLE = 1 << 16
 RUN = 1 << 6  # consecutive elements per sampled run
 _COMPILE_MIN_NUMEL = 1 << 24
+_reader: tuple[int, ThreadPoolExecutor] | None = None  # (process id, the thread that reads ahead)
 
 
 def core_size(top_t: float, numel: int) -> int:
@@ -207,7 +209,8 @@ def iter_delta_chunks(
 
     Lazy mappings that are `range_readable` are read a block of whole rows at a time, so a delta computed on access (a
     checkpoint minus the base, LoRA factors) never exists whole; tensors are chunked by `iter_chunk_pairs`. Where
-    both can `read_terms`, the chunks are `Terms` (checked by `chunk_pair`).
+    both can `read_terms`, the chunks are `Terms` (checked by `chunk_pair`), each read while the previous one is
+    used (so a streamed `read_terms` result must stay valid across one more read).
     """
     if not (range_readable(new_deltas) and range_readable(old_deltas)):
         new, old = new_deltas[name], old_deltas[name]
@@ -218,14 +221,34 @@ def iter_delta_chunks(
     numel = math.prod(shape)
     row = numel // shape[0] if len(shape) > 1 and shape[0] else 1
     step = max(1, chunk // max(row, 1)) * row
+    if terms:  # the next chunk is read on a thread while this one is scored
+        ranges = [(start, min(step, numel - start)) for start in range(0, numel, step)]
+
+        def read_pair(i: int) -> tuple[Terms, Terms]:
+            start, length = ranges[i]
+            return new_deltas.read_terms(name, start, length), old_deltas.read_terms(name, start, length)
+
+        pending = reader_thread().submit(read_pair, 0)
+        for i, (start, _) in enumerate(ranges):
+            new, old = pending.result()
+            if i + 1 < len(ranges):
+                pending = reader_thread().submit(read_pair, i + 1)
+            yield start, new, old
+        return
     for start in range(0, numel, step):
         length = min(step, numel - start)
-        if terms:
-            yield start, new_deltas.read_terms(name, start, length), old_deltas.read_terms(name, start, length)
-            continue
         new, old = read_range(new_deltas, name, start, length), read_range(old_deltas, name, start, length)
         check_pair(name, new, old)
         yield start, new, old
+
+
+def reader_thread() -> ThreadPoolExecutor:
+    """The thread that reads the next chunk of `read_terms` mappings ahead (file reads release the GIL); a forked
+    child makes its own, the parent's thread does not exist there."""
+    global _reader
+    if _reader is None or _reader[0] != os.getpid():
+        _reader = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="dft_peft_read"))
+    return _reader[1]
 
 
 def chunk_pair(

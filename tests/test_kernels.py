@@ -366,6 +366,22 @@ def test_select_int64_indices(gen, monkeypatch, kernel):
             assert torch.equal(got[name].indices, w.indices.long()) and torch.equal(got[name].values, w.values)
 
 
+def _read_ahead_in_child() -> None:
+    os._exit(0 if select_torch.reader_thread().submit(int, "7").result(timeout=20) == 7 else 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_read_ahead_thread_in_a_forked_child():
+    """The read-ahead thread of the parent does not exist in a forked child: the child makes its own."""
+    import multiprocessing
+
+    assert select_torch.reader_thread().submit(int, "3").result() == 3
+    child = multiprocessing.get_context("fork").Process(target=_read_ahead_in_child)
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+
+
 def test_entries_grow_past_their_estimate(gen):
     """A module's storage is sized from its first chunks; a later chunk with many more entries grows it, and the part
     equals the pieces joined (positions shifted to the module; none stored where they are not tracked)."""
