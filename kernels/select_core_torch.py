@@ -30,7 +30,6 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import NamedTuple
 
@@ -47,7 +46,6 @@ MIN_CHUNK = 1 << 16
 SAMPLE = 1 << 16
 RUN = 1 << 6  # consecutive elements per sampled run
 _COMPILE_MIN_NUMEL = 1 << 24
-_reader: tuple[int, ThreadPoolExecutor] | None = None  # (process id, the thread that reads ahead)
 
 
 def core_size(top_t: float, numel: int) -> int:
@@ -228,11 +226,12 @@ def iter_delta_chunks(
             start, length = ranges[i]
             return new_deltas.read_terms(name, start, length), old_deltas.read_terms(name, start, length)
 
-        pending = reader_thread().submit(read_pair, 0)
+        reader = window_cpu.executor("read", 1)  # file reads release the GIL
+        pending = reader.submit(read_pair, 0)
         for i, (start, _) in enumerate(ranges):
             new, old = pending.result()
             if i + 1 < len(ranges):
-                pending = reader_thread().submit(read_pair, i + 1)
+                pending = reader.submit(read_pair, i + 1)
             yield start, new, old
         return
     for start in range(0, numel, step):
@@ -242,27 +241,18 @@ def iter_delta_chunks(
         yield start, new, old
 
 
-def reader_thread() -> ThreadPoolExecutor:
-    """The thread that reads the next chunk of `read_terms` mappings ahead (file reads release the GIL); a forked
-    child makes its own, the parent's thread does not exist there."""
-    global _reader
-    if _reader is None or _reader[0] != os.getpid():
-        _reader = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="dft_peft_read"))
-    return _reader[1]
-
-
 def chunk_pair(
     name: str, new: torch.Tensor | Terms, old: torch.Tensor | Terms, native: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(Δnew or new weights, Δold or old weights, base or None) for one chunk: `Terms` that share their base go to the
     C `terms` loop as they are, other `Terms` become deltas here (and are checked with `check_pair`)."""
-    if not isinstance(new, Terms):
+    if not isinstance(new, Terms):  # `iter_delta_chunks` gives Terms for both or for neither
         return new, old, None
     base = new.base
-    if (native and isinstance(old, Terms) and old.base.data_ptr() == base.data_ptr() and old.base.dtype == base.dtype
+    if (native and old.base.data_ptr() == base.data_ptr() and old.base.dtype == base.dtype
             and window_cpu.usable_terms(new.tuned, old.tuned, base)):
         return new.tuned, old.tuned, base
-    new, old = new.delta(), old.delta() if isinstance(old, Terms) else old
+    new, old = new.delta(), old.delta()
     check_pair(name, new, old)
     return new, old, None
 

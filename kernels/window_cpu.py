@@ -42,7 +42,7 @@ _ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _error: str | None = None
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, pool)
+_executors: dict[str, tuple[int, int, ThreadPoolExecutor]] = {}  # name → (process id, workers, executor)
 
 
 def _cache_path(compiler: str) -> Path | None:
@@ -121,6 +121,15 @@ def unavailable_reason() -> str | None:
     return _error
 
 
+def executor(name: str, workers: int) -> ThreadPoolExecutor:
+    """This process's thread pool `name` with at least `workers` threads (for work that releases the GIL: ctypes
+    calls, file reads). A forked child makes its own: the parent's threads do not exist there."""
+    held = _executors.get(name)
+    if held is None or held[0] != os.getpid() or held[1] < workers:
+        held = _executors[name] = (os.getpid(), workers, ThreadPoolExecutor(workers, f"dft_peft_{name}"))
+    return held[2]
+
+
 def usable(new: torch.Tensor, old: torch.Tensor) -> bool:
     """Whether a chunk pair can go through the C loop: contiguous CPU tensors of the four float dtypes."""
     return (new.device.type == "cpu" and old.device.type == "cpu" and new.dtype in _DTYPES
@@ -160,7 +169,6 @@ def window(
     valid until its next use. offset + numel must fit in int32. With `base` (see `usable_terms`), `new` and `old`
     are the fine-tuned weights and the deltas their differences from it.
     """
-    global _pool
     n = new.numel()
     if base is None:
         fn = getattr(lib, f"window_{_DTYPES[new.dtype]}_{_DTYPES[old.dtype]}")
@@ -178,12 +186,7 @@ def window(
         return fn(x, y, b, bounds[p + 1] - start, offset + start, lo, hi, sure, scale, *out,
                   ctypes.byref(keyed, 8 * p), ctypes.byref(flags, 4 * p))
 
-    if parts == 1:
-        counts = [run(0)]
-    else:
-        if _pool is None or _pool[0] != os.getpid() or _pool[1] < parts:  # a forked child has no pool threads
-            _pool = (os.getpid(), parts, ThreadPoolExecutor(max_workers=parts, thread_name_prefix="dft_peft_window"))
-        counts = list(_pool[2].map(run, range(parts)))
+    counts = [run(0)] if parts == 1 else list(executor("window", parts).map(run, range(parts)))
     pieces = [(scratch.index[s : s + c], scratch.value[s : s + c], scratch.pos[s : s + kc], scratch.key[s : s + kc])
               for s, c, kc in zip(bounds, counts, keyed) if c]
     return pieces, any(flags)

@@ -366,17 +366,17 @@ def test_select_int64_indices(gen, monkeypatch, kernel):
             assert torch.equal(got[name].indices, w.indices.long()) and torch.equal(got[name].values, w.values)
 
 
-def _read_ahead_in_child() -> None:
-    os._exit(0 if select_torch.reader_thread().submit(int, "7").result(timeout=20) == 7 else 1)
+def _pool_in_child() -> None:
+    os._exit(0 if window_cpu.executor("read", 1).submit(int, "7").result(timeout=20) == 7 else 1)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
-def test_read_ahead_thread_in_a_forked_child():
-    """The read-ahead thread of the parent does not exist in a forked child: the child makes its own."""
+def test_thread_pools_in_a_forked_child():
+    """A pool's threads (the read-ahead's, the C loop's) do not exist in a forked child: the child makes its own."""
     import multiprocessing
 
-    assert select_torch.reader_thread().submit(int, "3").result() == 3
-    child = multiprocessing.get_context("fork").Process(target=_read_ahead_in_child)
+    assert window_cpu.executor("read", 1).submit(int, "3").result() == 3
+    child = multiprocessing.get_context("fork").Process(target=_pool_in_child)
     child.start()
     child.join(60)
     assert child.exitcode == 0
