@@ -43,7 +43,8 @@ FLT_MIN = torch.finfo(torch.float32).tiny
 MAX_KEY = 0x7F800000  # bit pattern of +inf: the largest key (an overflowing finite difference)
 CHUNK = 1 << 20  # elements per chunk, at most (and at most 1/128 of the input, at least MIN_CHUNK)
 MIN_CHUNK = 1 << 16
-SAMPLE = 1 << 16
+SAMPLE = 1 << 16  # elements sampled from a scope, at least; all that a lazy mapping gets (each run is a read)
+SAMPLE_MAX = 1 << 18  # elements sampled from a large scope of in-memory deltas (a run is a cheap gather there)
 RUN = 1 << 6  # consecutive elements per sampled run
 _COMPILE_MIN_NUMEL = 1 << 24
 
@@ -502,8 +503,8 @@ def sample_keys(
     names: list[str], new_deltas: Mapping[str, torch.Tensor], old_deltas: Mapping[str, torch.Tensor],
     shapes: dict[str, tuple[int, ...]],
 ) -> torch.Tensor:
-    """Keys of SAMPLE elements of the scope in SAMPLE // RUN runs of RUN consecutive elements at uniformly drawn
-    positions (fixed seed), on the CPU: a (runs, RUN) int32 tensor, -1 past the end of a module.
+    """Keys of `sample_size` elements of the scope in runs of RUN consecutive elements at uniformly drawn positions
+    (fixed seed), on the CPU: a (runs, RUN) int32 tensor, -1 past the end of a module.
 
     Runs rather than single elements: a lazy mapping (a checkpoint, LoRA factors) reads a few rows per run instead of
     whole modules. Whatever the sample, the result is exact; a sample that misleads costs a second pass.
@@ -511,10 +512,10 @@ def sample_keys(
     gen = torch.Generator().manual_seed(0)
     sizes = [math.prod(shapes[n]) for n in names]
     total = sum(sizes)
-    starts = torch.randint(0, total, (max(1, SAMPLE // RUN),), generator=gen).sort().values
+    ranged = range_readable(new_deltas) or range_readable(old_deltas)
+    starts = torch.randint(0, total, (max(1, sample_size(total, ranged) // RUN),), generator=gen).sort().values
     bounds = torch.tensor([0, *sizes]).cumsum(0)
     runs = torch.full((starts.numel(), RUN), -1, dtype=torch.int32)
-    ranged = range_readable(new_deltas) or range_readable(old_deltas)
     row = 0
     for i, name in enumerate(names):
         lo, hi = int(torch.searchsorted(starts, bounds[i])), int(torch.searchsorted(starts, bounds[i + 1]))
@@ -539,6 +540,12 @@ def sample_keys(
         runs[row : row + hi - lo] = torch.where(torch.arange(RUN) < lengths[:, None], keys, -1)
         row += hi - lo
     return runs
+
+
+def sample_size(total: int, lazy: bool) -> int:
+    """Elements to sample from a scope of `total`: SAMPLE from a lazy mapping, else up to SAMPLE_MAX (1/512 of the
+    scope), which narrows the window by half and with it the entries kept near the threshold."""
+    return SAMPLE if lazy else max(SAMPLE, min(SAMPLE_MAX, total >> 9))
 
 
 def read_range(deltas: Mapping[str, torch.Tensor], name: str, start: int, length: int) -> torch.Tensor:
@@ -572,37 +579,37 @@ def sampled_window(sample: torch.Tensor, k: int, total: int, z: float = 4.0) -> 
     `sample` holds runs of keys (`sample_keys`). The fraction of the scope whose key is ≥ t is estimated as a ratio
     over the runs, with its standard error taken from the spread between runs: the elements of a run share a module
     and rows, so they vary together (deltas differ in scale between modules and rows), and counting them as
-    independent draws would make the window too narrow. `lo` is the largest sampled key whose estimate minus
-    z standard errors (and 8 elements) still reaches k/total, `hi` the smallest one whose estimate plus that margin
-    falls below it; `lo` is 1 (every candidate) and `hi` past MAX_KEY (no upper cut) where the sample cannot bound
-    that side.
+    independent draws would make the window too narrow. `lo` is the largest key whose estimate minus z standard
+    errors (and 8 elements) still reaches k/total, `hi` one past the largest whose estimate plus that margin does;
+    `lo` is 1 (every candidate) and `hi` past MAX_KEY (no upper cut) where the sample cannot bound that side.
+    Each estimate counts a run's keys by binary search in the run, sorted once.
     """
-    present = sample >= 0
-    sizes = present.sum(1, dtype=torch.float64)
-    runs, elements = sample.shape[0], float(sizes.sum())
+    rows = sample.sort(dim=1).values  # absent elements (-1) first
+    sizes = (sample >= 0).sum(1, dtype=torch.float64)
+    runs, elements = rows.shape[0], float(sizes.sum())
     target = k / total
+    probe = torch.empty(runs, 1, dtype=rows.dtype)
 
     def estimate(t: int, sign: float) -> float:
-        counts = (sample >= t).sum(1, dtype=torch.float64)
+        counts = (rows.shape[1] - torch.searchsorted(rows, probe.fill_(t))).squeeze(1).double()
         p = float(counts.sum()) / elements
         spread = float(((counts - p * sizes) ** 2).sum()) * runs / max(runs - 1, 1)
         return p + sign * (z * math.sqrt(spread) / elements + 8 / elements)
 
-    candidates = sample[sample > 0].unique(sorted=True).tolist()  # ascending: the estimates fall along it
-    lo = last_index(candidates, lambda t: estimate(t, -1.0) >= target)
-    hi = last_index(candidates, lambda t: estimate(t, 1.0) >= target) + 1
-    lo_key = candidates[lo] if lo >= 0 else 1
-    hi_key = candidates[hi] if hi < len(candidates) else MAX_KEY + 1
-    return max(lo_key, 1), max(hi_key, max(lo_key, 1) + 1)
+    lo = last_true(lambda t: estimate(t, -1.0) >= target, 1, MAX_KEY)
+    hi = last_true(lambda t: estimate(t, 1.0) >= target, 1, MAX_KEY)
+    lo_key = 1 if lo is None else lo
+    hi_key = 1 if hi is None else hi + 1
+    return lo_key, max(hi_key, lo_key + 1)
 
 
-def last_index(values: list[int], holds: Callable[[int], bool]) -> int:
-    """The last index where `holds` is true, for a predicate true up to some point of `values` (-1: nowhere)."""
-    first, last = 0, len(values) - 1
-    found = -1
+def last_true(holds: Callable[[int], bool], first: int, last: int) -> int | None:
+    """The largest integer in [first, last] where `holds` is true, for a predicate true up to some point (None:
+    nowhere)."""
+    found = None
     while first <= last:
         mid = (first + last) // 2
-        if holds(values[mid]):
+        if holds(mid):
             found, first = mid, mid + 1
         else:
             last = mid - 1

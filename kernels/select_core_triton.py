@@ -7,8 +7,9 @@ recomputes the keys on the fly and reduces them against a per-scope key window [
    ≥ hi ("above") and in [lo, hi) ("inside"); the inside keys are appended, with their tile number, to a side list
    (one atomic claim per tile, bounded capacity); when needed, a 256-bin histogram of the inside keys
    (`tl.histogram` per program, flushed with one atomic add per bin); a non-finite flag per module.
-   The first window of a large scope comes from a 64K-element random sample (`sampled_window`) and holds the
-   scope's k-th key with high probability while covering ~0.3% of the elements, so the side list is small.
+   The first window of a large scope comes from a random sample of 64K–256K elements (`sampled_window`) and holds
+   the scope's k-th key with high probability while covering a small fraction of the elements, so the side list is
+   small.
 2. On the host, per scope: with A above and W inside, the k-th key lies above, inside or below the window. Inside
    and the side list complete: the exact k-th key t comes from sorting the side list (keys of the window only).
    A width-1 window is t itself. Otherwise the next pass narrows the window (to the histogram bin holding the k-th

@@ -405,6 +405,48 @@ def test_entries_grow_past_their_estimate(gen):
     assert every.part()[3] is None and every.pos.numel() == 0
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_sampled_window_bounds_are_the_last_keys_that_reach_the_target(seed):
+    """`sampled_window`'s bisection over the key range (counts by binary search in sorted runs) finds the largest
+    key whose lower estimate reaches k/total and one past the largest whose upper estimate does, as plain counting
+    over the unsorted sample says; runs of clustered scales, absent elements (-1) and non-candidates (0) included."""
+    gen = torch.Generator().manual_seed(seed)
+    runs, total = 40 + 30 * seed, 10**6
+    scales = 10 ** (3 * torch.rand(runs, 1, generator=gen))
+    sample = (torch.rand(runs, select_torch.RUN, generator=gen) * scales * 1e-3).view(torch.int32)
+    sample[torch.rand(sample.shape, generator=gen) < 0.4] = 0
+    sample[-1, 10 * (seed % 5):] = -1
+    k = int(total * (0.01 + 0.05 * seed))
+    lo, hi = select_torch.sampled_window(sample, k, total)
+
+    def estimate(t: int, sign: float) -> float:  # the estimator, counted plainly
+        sizes, counts = (sample >= 0).sum(1).double(), (sample >= t).sum(1).double()
+        p = float(counts.sum() / sizes.sum())
+        spread = float(((counts - p * sizes) ** 2).sum()) * runs / (runs - 1)
+        return p + sign * (4 * spread**0.5 / float(sizes.sum()) + 8 / float(sizes.sum()))
+
+    assert 1 <= lo < hi <= select_torch.MAX_KEY + 1
+    if lo > 1:
+        assert estimate(lo, -1.0) >= k / total > estimate(lo + 1, -1.0)
+    else:
+        assert estimate(2, -1.0) < k / total
+    if hi <= select_torch.MAX_KEY and hi > lo + 1:
+        assert estimate(hi - 1, 1.0) >= k / total > estimate(hi, 1.0)
+
+
+def test_in_memory_scopes_get_the_larger_sample(monkeypatch):
+    """In-memory deltas are sampled up to SAMPLE_MAX elements (1/512 of the scope); a lazy mapping, where each run
+    is a read, gets SAMPLE."""
+    monkeypatch.setattr(select_torch, "SAMPLE", 128)
+    monkeypatch.setattr(select_torch, "SAMPLE_MAX", 1024)
+    new, old = sized_deltas(torch.Generator().manual_seed(0), [(512, 800), (300, 512)])
+    names, shapes = sorted(new), {n: tuple(t.shape) for n, t in new.items()}
+    in_memory = select_torch.sample_keys(names, new, old, shapes)
+    lazy = select_torch.sample_keys(names, RangeReadDeltas(new), RangeReadDeltas(old), shapes)
+    assert in_memory.shape == (1024 // select_torch.RUN, select_torch.RUN)
+    assert lazy.shape == (128 // select_torch.RUN, select_torch.RUN)
+
+
 def test_sampled_window_allows_for_clustered_runs(monkeypatch):
     """Rows of very different scales (as real deltas have): the sampled runs of one row vary together, and the window
     must allow for it, so one pass suffices; the result is exact either way. (Counting the runs' elements as
