@@ -18,8 +18,9 @@ the exact top k of the prefix seen so far whenever it exceeds ~2k entries (strea
 the floor). The floor starts at the low end of a key window estimated from a small random sample, so the buffer holds
 little more than the core and rarely needs cutting; entries above the window are kept without their keys, and the
 final cut ranks only the keys inside the window and compacts each module's entries in place. If the estimate was too
-high, a second pass fetches the rest. Peak extra memory is the window's keys, one module's entries, the sample and
-O(chunk), never a copy of the scores.
+high, a second pass fetches the rest. The C loop scores each large chunk on the pool's threads while the previous
+chunk's entries are stored. Peak extra memory is the window's keys, one module's entries, the sample and O(chunk),
+never a copy of the scores.
 """
 
 from __future__ import annotations
@@ -467,31 +468,83 @@ def _stream_pass(
 
     buffer = _Buffer(k, chunk, sure, rekey, [math.prod(shapes[n]) for n in names])
     hi = min(hi, MAX_KEY + 1) - 1  # inclusive from here on
-    native, scratch, window = window_cpu.library(), None, torch.empty(0)
+    native, window = window_cpu.library(), torch.empty(0)
+    # With chunks of two thread parts or more, the C loop scores a chunk while the previous one's entries are stored
+    # (two scratches in turn). A chunk's window is collected before the next chunk is taken, for a lazy mapping then
+    # reads ahead into the room of the chunk before.
+    overlap = chunk >= 2 * window_cpu.MIN_PART
+    scratches: list[window_cpu.Scratch | None] = [None, None] if overlap else [None]
+    turn, settled = 0, -1  # settled: the module of the last entries stored
+
+    def start(rank: int, begin: int, new: torch.Tensor, old: torch.Tensor, base: torch.Tensor | None,
+              scratch: int | None = None) -> _Window:
+        nonlocal turn, window
+        sure_key = MAX_KEY + 1 if buffer.sure is None else buffer.sure
+        offset = begin if index_dtype(math.prod(shapes[names[rank]])) == torch.int32 else 0  # the C loop's: int32
+        if native is not None and (base is not None or window_cpu.usable(new, old)):
+            if scratch is None:
+                scratch = turn = (turn + 1) % len(scratches)
+            if scratches[scratch] is None or scratches[scratch].index.numel() < new.numel():
+                scratches[scratch] = window_cpu.Scratch(max(chunk, new.numel()))
+            finish = window_cpu.start_window(native, new, old, lo, hi, sure_key, scale, offset, scratches[scratch],
+                                             base, background=overlap)
+        else:
+            if window.numel() < new.numel() or window.device != new.device:
+                window = torch.empty(max(chunk, new.numel()), device=new.device)
+            done = _torch_window(window_fn, new, old, lo, hi, sure_key, scale, offset, window)
+            finish = lambda: done  # noqa: E731
+        return _Window(rank, begin, offset, new, old, base, sure_key, scratch, finish)
+
+    def collect(job: _Window) -> list[window_cpu.Piece]:
+        """The chunk's entries, found again if a cut since it started keyed every entry (its keys are then due)."""
+        pieces, bad = job.finish()
+        if bad:
+            raise_nonfinite(names[job.rank])
+        if job.sure != (MAX_KEY + 1 if buffer.sure is None else buffer.sure):
+            pieces, _ = start(job.rank, job.start, job.new, job.old, job.base, job.scratch).finish()
+        return pieces
+
+    def store(job: _Window, pieces: list[window_cpu.Piece]) -> None:
+        nonlocal lo, settled
+        if settled not in (-1, job.rank):
+            buffer.seal(settled)
+        settled = job.rank
+        if k and pieces:
+            floor = buffer.add(job.rank, pieces, job.start + job.new.numel(), job.start - job.offset)
+            if floor is not None:
+                lo = max(lo, floor)
+
+    pending = None  # a collected chunk whose entries are stored while the next one is scored
     for rank, name in enumerate(names):
-        idx_dtype = index_dtype(math.prod(shapes[name]))
-        for start, new_chunk, old_chunk in iter_delta_chunks(new_deltas, old_deltas, name, shapes[name], chunk):
+        for begin, new_chunk, old_chunk in iter_delta_chunks(new_deltas, old_deltas, name, shapes[name], chunk):
             new_chunk, old_chunk, base = chunk_pair(name, new_chunk, old_chunk, native is not None)
             buffer.device = new_chunk.device
-            sure_key = MAX_KEY + 1 if buffer.sure is None else buffer.sure
-            offset = start if idx_dtype == torch.int32 else 0  # the C loop's indices are int32
-            if native is not None and (base is not None or window_cpu.usable(new_chunk, old_chunk)):
-                if scratch is None or scratch.index.numel() < new_chunk.numel():
-                    scratch = window_cpu.Scratch(max(chunk, new_chunk.numel()))
-                pieces, bad = window_cpu.window(native, new_chunk, old_chunk, lo, hi, sure_key, scale, offset,
-                                                scratch, base)
-            else:
-                if window.numel() < new_chunk.numel() or window.device != new_chunk.device:
-                    window = torch.empty(max(chunk, new_chunk.numel()), device=new_chunk.device)
-                pieces, bad = _torch_window(window_fn, new_chunk, old_chunk, lo, hi, sure_key, scale, offset, window)
-            if bad:
-                raise_nonfinite(name)
-            if k and pieces:
-                floor = buffer.add(rank, pieces, start + new_chunk.numel(), start - offset)
-                if floor is not None:
-                    lo = max(lo, floor)
-        buffer.seal(rank)
+            job = start(rank, begin, new_chunk, old_chunk, base)
+            if pending is not None:
+                store(*pending)
+            pending = job, collect(job)
+            if not overlap:
+                store(*pending)
+                pending = None
+    if pending is not None:
+        store(*pending)
+    if settled != -1:
+        buffer.seal(settled)
     return buffer
+
+
+class _Window(NamedTuple):
+    """A chunk whose window is being found: what `settle` needs to store its entries, or to redo it."""
+
+    rank: int
+    start: int
+    offset: int
+    new: torch.Tensor
+    old: torch.Tensor
+    base: torch.Tensor | None
+    sure: int
+    scratch: int | None
+    finish: Callable[[], tuple[list[window_cpu.Piece], bool]]
 
 
 def worth_sampling(numel: int) -> bool:

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -169,6 +170,16 @@ def window(
     valid until its next use. offset + numel must fit in int32. With `base` (see `usable_terms`), `new` and `old`
     are the fine-tuned weights and the deltas their differences from it.
     """
+    return start_window(lib, new, old, lo, hi, sure, scale, offset, scratch, base, background=False)()
+
+
+def start_window(
+    lib: ctypes.CDLL, new: torch.Tensor, old: torch.Tensor, lo: int, hi: int, sure: int, scale: float, offset: int,
+    scratch: Scratch, base: torch.Tensor | None = None, background: bool = True,
+) -> Callable[[], tuple[list[Piece], bool]]:
+    """`window`, started on the pool's threads (`background`: even a one-part chunk, so that the caller can store
+    the previous chunk's entries meanwhile); the returned function waits and gives `window`'s result. The inputs and
+    the scratch must stay untouched until then."""
     n = new.numel()
     if base is None:
         fn = getattr(lib, f"window_{_DTYPES[new.dtype]}_{_DTYPES[old.dtype]}")
@@ -186,10 +197,20 @@ def window(
         return fn(x, y, b, bounds[p + 1] - start, offset + start, lo, hi, sure, scale, *out,
                   ctypes.byref(keyed, 8 * p), ctypes.byref(flags, 4 * p))
 
-    counts = [run(0)] if parts == 1 else list(executor("window", parts).map(run, range(parts)))
-    pieces = [(scratch.index[s : s + c], scratch.value[s : s + c], scratch.pos[s : s + kc], scratch.key[s : s + kc])
-              for s, c, kc in zip(bounds, counts, keyed) if c]
-    return pieces, any(flags)
+    if background or parts > 1:
+        pool = executor("window", max(parts, torch.get_num_threads()))
+        futures = [pool.submit(run, p) for p in range(parts)]
+    else:
+        futures = None
+        counts = [run(0)]
+
+    def finish() -> tuple[list[Piece], bool]:
+        done = counts if futures is None else [f.result() for f in futures]
+        pieces = [(scratch.index[s : s + c], scratch.value[s : s + c], scratch.pos[s : s + kc],
+                   scratch.key[s : s + kc]) for s, c, kc in zip(bounds, done, keyed) if c]
+        return pieces, any(flags)
+
+    return finish
 
 
 def compactable(keep: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> bool:

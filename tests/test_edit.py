@@ -144,19 +144,29 @@ def fine_tuned_pair():
     return base, old, new
 
 
-@pytest.mark.parametrize("kernel", ["c", "torch"])
+@pytest.mark.parametrize(("kernel", "overlap"), [("c", False), ("c", True), ("torch", False)])
 @pytest.mark.parametrize(("base_dtype", "checkpoint_dtype"), [(torch.float32, torch.float32),
                                                                (torch.bfloat16, torch.bfloat16),
                                                                (torch.bfloat16, torch.float32),
                                                                (torch.float16, torch.float64)])
-def test_build_edit_from_checkpoints_equals_in_process(tmp_path, monkeypatch, fine_tuned_pair, kernel, base_dtype,
-                                                       checkpoint_dtype):
-    # The C loop subtracts the base as it scores (the torch path reads the deltas first): same bits, any dtypes.
+def test_build_edit_from_checkpoints_equals_in_process(tmp_path, monkeypatch, fine_tuned_pair, kernel, overlap,
+                                                       base_dtype, checkpoint_dtype):
+    # The C loop subtracts the base as it scores (the torch path reads the deltas first): same bits, any dtypes;
+    # `overlap`: chunks split across threads, each scored while the last one's entries are stored and the next read.
     monkeypatch.setenv("DFT_PEFT_CPU_KERNEL", kernel)
     monkeypatch.setattr(importlib.import_module("dft_peft.kernels.select_core_torch"), "CHUNK", 512)
     window_cpu, with_base = importlib.import_module("dft_peft.kernels.window_cpu"), []
-    window = window_cpu.window
-    monkeypatch.setattr(window_cpu, "window", lambda *args: with_base.append(args[-1] is not None) or window(*args))
+    start = window_cpu.start_window
+
+    def started(*args, **kw):
+        with_base.append(args[9] is not None)
+        if overlap:  # scored only when collected: the latest a chunk's inputs (reader rooms in turn) may be read
+            return lambda: start(*args, **{**kw, "background": False})()
+        return start(*args, **kw)
+
+    if overlap:
+        monkeypatch.setattr(window_cpu, "MIN_PART", 64)
+    monkeypatch.setattr(window_cpu, "start_window", started)
     base, old, new = (copy.deepcopy(m) for m in fine_tuned_pair)
     base, old, new = base.to(base_dtype), old.to(checkpoint_dtype), new.to(checkpoint_dtype)
     old.save_pretrained(tmp_path / "old")

@@ -35,6 +35,9 @@ select_torch = importlib.import_module("dft_peft.kernels.select_core_torch")
 window_cpu = importlib.import_module("dft_peft.kernels.window_cpu")
 # The CPU path's chunk pass: the compiled C loop (where a C compiler is found) and the torch ops; both are checked.
 CPU_KERNELS = ("c", "torch") if window_cpu.library() is not None else ("torch",)
+# (kernel, overlap): the C loop also with chunks split across threads and scored while the last one's entries are
+# stored (forced on small inputs by a small MIN_PART)
+CPU_KERNEL_MODES = [(k, False) for k in CPU_KERNELS] + ([("c", True)] if "c" in CPU_KERNELS else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -312,10 +315,12 @@ def test_select_triton_narrowing_passes(gen, select_triton, monkeypatch, window)
     assert len(passes) > 2
 
 
-@pytest.mark.parametrize("kernel", CPU_KERNELS)
-def test_select_lazy_mapping(gen, monkeypatch, kernel):
+@pytest.mark.parametrize(("kernel", "overlap"), CPU_KERNEL_MODES)
+def test_select_lazy_mapping(gen, monkeypatch, kernel, overlap):
     """A lazy mapping (no sampling) with a small chunk: the torch path cuts its buffer while streaming."""
     monkeypatch.setenv("DFT_PEFT_CPU_KERNEL", kernel)
+    if overlap:
+        monkeypatch.setattr(window_cpu, "MIN_PART", 64)
     monkeypatch.setattr(select_torch, "CHUNK", 128)
     cuts = []
     add = select_torch._Buffer.add
@@ -331,15 +336,17 @@ def test_select_lazy_mapping(gen, monkeypatch, kernel):
         assert_same_core(got, select_core_naive(new, old, 0.05), "triton")
 
 
-@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize(("kernel", "overlap"), CPU_KERNEL_MODES)
 @pytest.mark.parametrize("sampled", [False, True])
-def test_select_range_readable_mapping_never_reads_a_whole_module(monkeypatch, sampled, kernel):
+def test_select_range_readable_mapping_never_reads_a_whole_module(monkeypatch, sampled, kernel, overlap):
     """Deltas computed on access are streamed block by block of rows (memory O(chunk), not O(module)).
 
     Fixed inputs: a sample that misleads (possible with this tiny sample) falls back to reading whole modules to key
     the entries it kept unkeyed, which is correct but not what this test is about."""
     monkeypatch.setenv("DFT_PEFT_CPU_KERNEL", kernel)
     monkeypatch.setattr(select_torch, "CHUNK", 128)
+    if overlap:
+        monkeypatch.setattr(window_cpu, "MIN_PART", 32)
     if sampled:
         monkeypatch.setattr(select_torch, "SAMPLE", 1024)
     new, old = sized_deltas(torch.Generator().manual_seed(0), [(40, 50), (3000,), (25, 40), (7, 300)])
@@ -481,11 +488,14 @@ def test_torch_compiled_chunk_function(gen, monkeypatch):
                          selection)
 
 
-@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize(("kernel", "overlap"), CPU_KERNEL_MODES)
 @pytest.mark.parametrize("window", ["too_high", "too_low"])
-def test_torch_sampled_window_misses(gen, monkeypatch, window, kernel):
-    """A sampled floor above the k-th key needs the second pass; a window below it, the full final ranking."""
+def test_torch_sampled_window_misses(gen, monkeypatch, window, kernel, overlap):
+    """A sampled floor above the k-th key needs the second pass; a window below it, the full final ranking (with
+    `overlap`, the cut that keys every entry comes while the next chunk, keyed for the old window, is scored)."""
     monkeypatch.setenv("DFT_PEFT_CPU_KERNEL", kernel)
+    if overlap:
+        monkeypatch.setattr(window_cpu, "MIN_PART", 64)
     monkeypatch.setattr(select_torch, "CHUNK", 512)
     monkeypatch.setattr(select_torch, "SAMPLE", 128)
     sampled = select_torch.sampled_window
