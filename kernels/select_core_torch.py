@@ -472,7 +472,7 @@ def _stream_pass(
     # With chunks of two thread parts or more, the C loop scores a chunk while the previous one's entries are stored
     # (two scratches in turn). A chunk's window is collected before the next chunk is taken, for a lazy mapping then
     # reads ahead into the room of the chunk before.
-    overlap = chunk >= 2 * window_cpu.MIN_PART
+    overlap = native is not None and chunk >= 2 * window_cpu.MIN_PART
     scratches: list[window_cpu.Scratch | None] = [None, None] if overlap else [None]
     turn, settled = 0, -1  # settled: the module of the last entries stored
 
@@ -501,7 +501,7 @@ def _stream_pass(
         if bad:
             raise_nonfinite(names[job.rank])
         if job.sure != (MAX_KEY + 1 if buffer.sure is None else buffer.sure):
-            pieces, _ = start(job.rank, job.start, job.new, job.old, job.base, job.scratch).finish()
+            pieces, _ = start(job.rank, job.begin, job.new, job.old, job.base, job.scratch).finish()
         return pieces
 
     def store(job: _Window, pieces: list[window_cpu.Piece]) -> None:
@@ -510,7 +510,7 @@ def _stream_pass(
             buffer.seal(settled)
         settled = job.rank
         if k and pieces:
-            floor = buffer.add(job.rank, pieces, job.start + job.new.numel(), job.start - job.offset)
+            floor = buffer.add(job.rank, pieces, job.begin + job.new.numel(), job.begin - job.offset)
             if floor is not None:
                 lo = max(lo, floor)
 
@@ -520,8 +520,12 @@ def _stream_pass(
             new_chunk, old_chunk, base = chunk_pair(name, new_chunk, old_chunk, native is not None)
             buffer.device = new_chunk.device
             job = start(rank, begin, new_chunk, old_chunk, base)
-            if pending is not None:
-                store(*pending)
+            try:
+                if pending is not None:
+                    store(*pending)
+            except BaseException:  # no thread may still read a chunk or write a scratch once this returns
+                job.finish()
+                raise
             pending = job, collect(job)
             if not overlap:
                 store(*pending)
@@ -534,10 +538,10 @@ def _stream_pass(
 
 
 class _Window(NamedTuple):
-    """A chunk whose window is being found: what `settle` needs to store its entries, or to redo it."""
+    """A chunk whose window is being found: what `collect` needs to redo it and `store` to store its entries."""
 
     rank: int
-    start: int
+    begin: int
     offset: int
     new: torch.Tensor
     old: torch.Tensor
@@ -634,12 +638,16 @@ def sampled_window(sample: torch.Tensor, k: int, total: int, z: float = 4.0) -> 
     and rows, so they vary together (deltas differ in scale between modules and rows), and counting them as
     independent draws would make the window too narrow. `lo` is the largest key whose estimate minus z standard
     errors (and 8 elements) still reaches k/total, `hi` one past the largest whose estimate plus that margin does;
-    `lo` is 1 (every candidate) and `hi` past MAX_KEY (no upper cut) where the sample cannot bound that side.
-    Each estimate counts a run's keys by binary search in the run, sorted once.
+    `lo` is 1 (every candidate) where the sample cannot bound that side, `hi` past MAX_KEY (no upper cut) where the
+    upper estimate reaches the target at every key, and `hi` ≥ lo + 1 always (a sample without candidates gives
+    [1, 2)). Each estimate counts a run's keys by binary search in the run, sorted once; the bisection assumes the
+    estimates fall along the keys, and the result is exact whatever window it returns.
     """
     rows = sample.sort(dim=1).values  # absent elements (-1) first
     sizes = (sample >= 0).sum(1, dtype=torch.float64)
     runs, elements = rows.shape[0], float(sizes.sum())
+    if not elements:  # no element sampled: no window
+        return 1, MAX_KEY + 1
     target = k / total
     probe = torch.empty(runs, 1, dtype=rows.dtype)
 

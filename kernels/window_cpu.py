@@ -146,7 +146,8 @@ def usable_terms(new: torch.Tensor, old: torch.Tensor, base: torch.Tensor) -> bo
 
 class Scratch:
     """Reusable output room for one chunk (int32 index, float32 value, int32 position and int32 key per element): 16
-    bytes per element of the largest chunk, allocated once per pass so that no chunk pays for fresh pages."""
+    bytes per element of the largest chunk, allocated once per pass (two, used in turn, where chunks overlap) so
+    that no chunk pays for fresh pages."""
 
     def __init__(self, capacity: int) -> None:
         self.index = torch.empty(capacity, dtype=torch.int32)
@@ -188,9 +189,11 @@ def start_window(
     parts = max(1, min(torch.get_num_threads(), n // MIN_PART))
     bounds = [n * p // parts for p in range(parts + 1)]
     flags, keyed = (ctypes.c_int32 * parts)(), (ctypes.c_int64 * parts)()
-    inputs = [(t.data_ptr(), t.element_size()) for t in (new, old, base if base is not None else new)]
+    held = (new, old, base if base is not None else new)  # referenced by `run`: alive while a thread reads them
+    inputs = [(t.data_ptr(), t.element_size()) for t in held]
 
     def run(p: int) -> int:
+        assert held  # keeps the inputs alive until every part has run, whatever the caller drops
         start = bounds[p]
         x, y, b = (ptr + start * size for ptr, size in inputs)
         out = (t[start:].data_ptr() for t in (scratch.index, scratch.value, scratch.pos, scratch.key))

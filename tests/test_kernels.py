@@ -413,10 +413,11 @@ def test_entries_grow_past_their_estimate(gen):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_sampled_window_bounds_are_the_last_keys_that_reach_the_target(seed):
-    """`sampled_window`'s bisection over the key range (counts by binary search in sorted runs) finds the largest
-    key whose lower estimate reaches k/total and one past the largest whose upper estimate does, as plain counting
-    over the unsorted sample says; runs of clustered scales, absent elements (-1) and non-candidates (0) included."""
+def test_sampled_window_bounds_are_where_the_estimates_cross_the_target(seed):
+    """`sampled_window`'s bisection over the key range (counts by binary search in sorted runs) stops where the lower
+    estimate reaches k/total and the next key's does not, and one past such a key for the upper estimate, as plain
+    counting over the unsorted sample says (the estimates here fall along the keys, so these are the last such keys);
+    runs of clustered scales, absent elements (-1) and non-candidates (0) included."""
     gen = torch.Generator().manual_seed(seed)
     runs, total = 40 + 30 * seed, 10**6
     scales = 10 ** (3 * torch.rand(runs, 1, generator=gen))
@@ -505,13 +506,50 @@ def test_torch_sampled_window_misses(gen, monkeypatch, window, kernel, overlap):
         return (hi, 2 * hi - lo) if window == "too_high" else (max(1, lo // 2), lo)
 
     monkeypatch.setattr(select_torch, "sampled_window", misplaced)
-    passes = []
+    passes, sures = [], []
     stream = select_torch._stream_pass
     monkeypatch.setattr(select_torch, "_stream_pass", lambda *a, **kw: passes.append(a[4]) or stream(*a, **kw))
+    start = window_cpu.start_window
+    monkeypatch.setattr(window_cpu, "start_window",
+                        lambda *a, **kw: sures.append((a[1].data_ptr(), a[7], a[5])) or start(*a, **kw))
     new, old = sized_deltas(gen, [(60, 50), (3000,), (40, 40)])
     want = select_core_naive(new, old, 0.05)
     assert_same_core(select_core_torch(new, old, 0.05), want, window)
     assert len(passes) == (2 if window == "too_high" else 1)
+    if overlap and window == "too_low":  # the chunk started before the cut was scored again, every entry keyed
+        redone = [(a, b) for a, b in itertools.pairwise(sures)
+                  if a[:2] == b[:2] and a[2] <= select_torch.MAX_KEY and b[2] == select_torch.MAX_KEY + 1]
+        assert redone
+
+
+@pytest.mark.skipif("c" not in CPU_KERNELS, reason="no C compiler")
+def test_overlapped_chunk_is_finished_before_an_error_propagates(gen, monkeypatch):
+    """If storing a chunk's entries fails while the next chunk is scored on the pool, that chunk's threads are
+    waited for before the error leaves: they read its inputs and write a scratch, which may be freed after."""
+    monkeypatch.setenv("DFT_PEFT_CPU_KERNEL", "c")
+    monkeypatch.setattr(select_torch, "CHUNK", 512)
+    monkeypatch.setattr(window_cpu, "MIN_PART", 64)
+    finished, started = [], []
+    start = window_cpu.start_window
+
+    def tracked(*a, **kw):
+        finish = start(*a, **kw)
+        started.append(len(started))
+        index = started[-1]
+        return lambda: finished.append(index) or finish()
+
+    monkeypatch.setattr(window_cpu, "start_window", tracked)
+    calls = []
+
+    def failing_add(self, *a):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(select_torch._Buffer, "add", failing_add)
+    new, old = sized_deltas(gen, [(60, 50), (3000,)])
+    with pytest.raises(KeyboardInterrupt):
+        select_core_torch(new, old, 0.05)
+    assert calls and len(started) >= 2 and set(started) <= set(finished)
 
 
 def test_c_loop_builds_where_a_compiler_exists():
