@@ -228,6 +228,8 @@ def iter_delta_chunks(
             start, length = ranges[i]
             return new_deltas.read_terms(name, start, length), old_deltas.read_terms(name, start, length)
 
+        if not ranges:
+            return
         reader = window_cpu.executor("read", 1)  # file reads release the GIL
         pending = reader.submit(read_pair, 0)
         for i, (start, _) in enumerate(ranges):
@@ -361,6 +363,10 @@ class _Buffer:
         self.size = self.k
         return kth + 1  # later entries lose ties to earlier ones
 
+    def sure_key(self) -> int:
+        """The key bound the window loops take as `sure` (past MAX_KEY once every entry is keyed)."""
+        return MAX_KEY + 1 if self.sure is None else self.sure
+
     def close(self) -> None:
         """Move the open module's entries to the parts."""
         if self.open is not None:
@@ -479,7 +485,7 @@ def _stream_pass(
     def start(rank: int, begin: int, new: torch.Tensor, old: torch.Tensor, base: torch.Tensor | None,
               scratch: int | None = None) -> _Window:
         nonlocal turn, window
-        sure_key = MAX_KEY + 1 if buffer.sure is None else buffer.sure
+        sure_key = buffer.sure_key()
         offset = begin if index_dtype(math.prod(shapes[names[rank]])) == torch.int32 else 0  # the C loop's: int32
         if native is not None and (base is not None or window_cpu.usable(new, old)):
             if scratch is None:
@@ -500,7 +506,7 @@ def _stream_pass(
         pieces, bad = job.finish()
         if bad:
             raise_nonfinite(names[job.rank])
-        if job.sure != (MAX_KEY + 1 if buffer.sure is None else buffer.sure):
+        if job.sure != buffer.sure_key():
             pieces, _ = start(job.rank, job.begin, job.new, job.old, job.base, job.scratch).finish()
         return pieces
 
@@ -520,6 +526,9 @@ def _stream_pass(
             new_chunk, old_chunk, base = chunk_pair(name, new_chunk, old_chunk, native is not None)
             buffer.device = new_chunk.device
             job = start(rank, begin, new_chunk, old_chunk, base)
+            if not overlap:
+                store(job, collect(job))
+                continue
             try:
                 if pending is not None:
                     store(*pending)
@@ -527,9 +536,6 @@ def _stream_pass(
                 job.finish()
                 raise
             pending = job, collect(job)
-            if not overlap:
-                store(*pending)
-                pending = None
     if pending is not None:
         store(*pending)
     if settled != -1:

@@ -189,13 +189,11 @@ def start_window(
     parts = max(1, min(torch.get_num_threads(), n // MIN_PART))
     bounds = [n * p // parts for p in range(parts + 1)]
     flags, keyed = (ctypes.c_int32 * parts)(), (ctypes.c_int64 * parts)()
-    held = (new, old, base if base is not None else new)  # referenced by `run`: alive while a thread reads them
-    inputs = [(t.data_ptr(), t.element_size()) for t in held]
+    inputs = (new, old, base if base is not None else new)  # held by `run`: alive while a thread reads them
 
     def run(p: int) -> int:
-        assert held  # keeps the inputs alive until every part has run, whatever the caller drops
         start = bounds[p]
-        x, y, b = (ptr + start * size for ptr, size in inputs)
+        x, y, b = (t.data_ptr() + start * t.element_size() for t in inputs)
         out = (t[start:].data_ptr() for t in (scratch.index, scratch.value, scratch.pos, scratch.key))
         return fn(x, y, b, bounds[p + 1] - start, offset + start, lo, hi, sure, scale, *out,
                   ctypes.byref(keyed, 8 * p), ctypes.byref(flags, 4 * p))
