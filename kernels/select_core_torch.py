@@ -286,13 +286,19 @@ class _Entries:
 
     def append(self, pieces: list[window_cpu.Piece], seen: int, shift: int) -> int:
         """Copy a chunk's pieces in (`shift` added to their indices; positions, None from the torch pass when every
-        entry is keyed, are kept only when tracked); `seen` is how many of the module's elements have been read.
-        Returns how many entries were added."""
+        entry is keyed, are kept only when tracked), the C loop's in one C call, the torch pass's with torch ops;
+        `seen` is how many of the module's elements have been read. Returns how many entries were added."""
         count, keyed = sum(p[0].numel() for p in pieces), sum(p[3].numel() for p in pieces)
         self.idx, self.vals = (self._room(t, self.n, count, seen) for t in (self.idx, self.vals))
         self.keys = self._room(self.keys, self.keyed, keyed, seen)
         if self.track_pos:
             self.pos = self._room(self.pos, self.keyed, keyed, seen)
+        native = window_cpu.library()
+        if native is not None and window_cpu.appendable(pieces):
+            window_cpu.append(native, pieces, self.idx, self.vals, self.pos if self.track_pos else None, self.keys,
+                              self.n, self.keyed, shift)
+            self.n, self.keyed = self.n + count, self.keyed + keyed
+            return count
         for index, value, pos, key in pieces:
             n, c, kc = self.n, index.numel(), key.numel()
             self.idx[n : n + c].copy_(index)

@@ -12,7 +12,8 @@
  *
  * Compiled at run time by window_cpu.py (plain C99, no torch headers), strict IEEE arithmetic (no -ffast-math), so
  * the keys and values are the bits torch computes. Each block of BLOCK elements is scored in a vectorisable loop;
- * then a bit mask per 32 elements marks the kept ones, and only those are visited (count trailing zeros).
+ * then a bit mask per 32 elements marks the kept ones, and only those are visited (count trailing zeros) and given
+ * their values.
  */
 #include <float.h>
 #include <math.h>
@@ -53,24 +54,26 @@ static inline float load_f16(const void *p, int64_t i) { /* exact IEEE half → 
 #endif
 
 /* X and Y are expressions of the element index i (inputs x, y and, for the terms loops, b). */
-#define DEFINE_WINDOW(NAME, X, Y)                                                                                   \
-    int64_t NAME(const void *x, const void *y, const void *b, int64_t n, int32_t base, int32_t lo, int32_t hi,   \
+#define DEFINE_WINDOW(NAME, X, Y)                                                                                 \
+    int64_t NAME(const void *x, const void *y, const void *b, int64_t n, int32_t base, int32_t lo, int32_t hi,    \
                  int32_t sure, float scale, int32_t *index, float *value, int32_t *pos, int32_t *key,             \
                  int64_t *keyed, int32_t *nonfinite) {                                                            \
         int64_t count = 0, with_key = 0;                                                                          \
         int32_t bad = 0;                                                                                          \
-        float a[BLOCK];                                                                                           \
         int32_t k[BLOCK];                                                                                         \
         for (int64_t start = 0; start < n; start += BLOCK) {                                                      \
             int len = n - start < BLOCK ? (int)(n - start) : BLOCK;                                               \
             for (int j = 0; j < len; j++) {                                                                       \
                 int64_t i = start + j;                                                                            \
+                /* tests on the bit patterns, whose magnitudes order like the floats: fewer instructions */       \
                 float u = X, v = Y, d = fabsf(u - v);                                                             \
-                int32_t bits, candidate = ((u >= FLT_MIN) & (v <= -FLT_MIN)) | ((u <= -FLT_MIN) & (v >= FLT_MIN)); \
+                int32_t bu, bv, bits;                                                                             \
+                memcpy(&bu, &u, sizeof bu);                                                                       \
+                memcpy(&bv, &v, sizeof bv);                                                                       \
                 memcpy(&bits, &d, sizeof bits);                                                                   \
-                bad |= !(fabsf(u) <= FLT_MAX) | !(fabsf(v) <= FLT_MAX);                                           \
-                k[j] = bits & -candidate;                                                                         \
-                a[j] = u * scale;                                                                                 \
+                int32_t au = bu & 0x7fffffff, av = bv & 0x7fffffff, small = au < av ? au : av;                    \
+                bad |= (au > 0x7f7fffff) | (av > 0x7f7fffff); /* NaN or inf */                                    \
+                k[j] = bits & -((small >= 0x00800000) & ((bu ^ bv) < 0)); /* both normal, signs opposite */       \
             }                                                                                                     \
             for (int g = 0; g < len; g += 32) {                                                                   \
                 uint32_t kept = 0;                                                                                \
@@ -79,9 +82,10 @@ static inline float load_f16(const void *p, int64_t i) { /* exact IEEE half → 
                     kept |= (uint32_t)((k[g + j] >= lo) & (k[g + j] <= hi)) << j;                                 \
                 while (kept) {                                                                                    \
                     int j = g + __builtin_ctz(kept);                                                              \
+                    int64_t i = start + j;                                                                        \
                     kept &= kept - 1;                                                                             \
                     index[count] = base + (int32_t)start + j;                                                     \
-                    value[count] = a[j];                                                                          \
+                    value[count] = (X) * scale; /* computed for kept elements only */                             \
                     pos[with_key] = (int32_t)count;                                                               \
                     key[with_key] = k[j];                                                                         \
                     with_key += k[j] < sure;                                                                      \
@@ -118,9 +122,33 @@ DEFINE_TERMS_ROW(f32, load_f32)
 DEFINE_TERMS_ROW(bf16, load_bf16)
 DEFINE_TERMS_ROW(f16, load_f16)
 
+/* Append the pieces of a window call to a module's entries in one call, on the calling thread: indices (plus `shift`)
+ * from index[n], values from value[n], keys from key[keyed] and, where pos is not NULL, the positions made relative to
+ * the module (plus the entries before their piece). INDEX_T is the storage's index type; the pieces' are int32. */
+#define DEFINE_APPEND(NAME, INDEX_T)                                                                              \
+    void NAME(int64_t pieces, const int32_t *const *src_index, const float *const *src_value,                     \
+              const int32_t *const *src_pos, const int32_t *const *src_key, const int64_t *count,                 \
+              const int64_t *keyed, INDEX_T *index, float *value, INDEX_T *pos, int32_t *key, int64_t n,          \
+              int64_t nkeyed, int64_t shift) {                                                                    \
+        for (int64_t p = 0; p < pieces; p++) {                                                                    \
+            for (int64_t j = 0; j < count[p]; j++)                                                                \
+                index[n + j] = (INDEX_T)(src_index[p][j] + shift);                                                \
+            memcpy(value + n, src_value[p], (size_t)count[p] * sizeof *value);                                    \
+            if (pos)                                                                                              \
+                for (int64_t j = 0; j < keyed[p]; j++)                                                            \
+                    pos[nkeyed + j] = (INDEX_T)(src_pos[p][j] + n);                                               \
+            memcpy(key + nkeyed, src_key[p], (size_t)keyed[p] * sizeof *key);                                     \
+            n += count[p];                                                                                        \
+            nkeyed += keyed[p];                                                                                   \
+        }                                                                                                         \
+    }
+
+DEFINE_APPEND(append_i32, int32_t)
+DEFINE_APPEND(append_i64, int64_t)
+
 /* Stable in-place compaction of an (index, value) buffer: entries with keep[i] move to the front, in order; returns
  * how many were kept (the final cut of core selection, where nearly every entry is kept). */
-#define DEFINE_COMPACT(NAME, INDEX_T)                                                                                \
+#define DEFINE_COMPACT(NAME, INDEX_T)                                                                             \
     int64_t NAME(const uint8_t *keep, int64_t n, INDEX_T *index, float *value) {                                  \
         int64_t out = 0;                                                                                          \
         for (int64_t i = 0; i < n; i++) {                                                                         \

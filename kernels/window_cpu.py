@@ -69,6 +69,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int64
     for fn in (lib.compact_i32, lib.compact_i64):
         fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int64
+    for fn in (lib.append_i32, lib.append_i64):
+        fn.argtypes, fn.restype = [ctypes.c_int64, *[ctypes.c_void_p] * 10, *[ctypes.c_int64] * 3], None
     lib.kth_largest.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                 ctypes.c_void_p]
     lib.kth_largest.restype = ctypes.c_int32
@@ -212,6 +214,34 @@ def start_window(
         return pieces, any(flags)
 
     return finish
+
+
+def appendable(pieces: list[Piece]) -> bool:
+    """Whether `append` takes these pieces: `window`'s (contiguous CPU int32 indices and positions, float32 values)."""
+    return all(
+        pos is not None and index.dtype == pos.dtype == key.dtype == torch.int32 and value.dtype == torch.float32
+        and all(t.device.type == "cpu" and t.is_contiguous() for t in (index, value, pos, key))
+        for index, value, pos, key in pieces
+    )
+
+
+def append(
+    lib: ctypes.CDLL, pieces: list[Piece], index: torch.Tensor, value: torch.Tensor, pos: torch.Tensor | None,
+    key: torch.Tensor, n: int, keyed: int, shift: int,
+) -> None:
+    """Copy `window`'s pieces into a module's storage in one C call on this thread, without the GIL: indices plus
+    `shift` and values from entry n, keys from keyed entry `keyed`, and (`pos` given) the keyed entries' positions
+    made relative to the storage. (Per-piece torch copies, each a parallel region of its own, contended with the
+    threads scoring the next chunk.) The storage must have room; its index type is that of `index` (int32/int64)."""
+    fn = lib.append_i32 if index.dtype == torch.int32 else lib.append_i64
+    count = len(pieces)
+
+    def pointers(field: int) -> ctypes.Array:
+        return (ctypes.c_void_p * count)(*(piece[field].data_ptr() for piece in pieces))
+
+    sizes = [(ctypes.c_int64 * count)(*(piece[field].numel() for piece in pieces)) for field in (0, 3)]
+    fn(count, pointers(0), pointers(1), pointers(2), pointers(3), *sizes, index.data_ptr(), value.data_ptr(),
+       None if pos is None else pos.data_ptr(), key.data_ptr(), n, keyed, shift)
 
 
 def compactable(keep: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> bool:

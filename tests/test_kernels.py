@@ -389,23 +389,31 @@ def test_thread_pools_in_a_forked_child():
     assert child.exitcode == 0
 
 
-def test_entries_grow_past_their_estimate(gen):
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("numel", [100_000, 1 << 31])
+def test_entries_grow_past_their_estimate(gen, monkeypatch, kernel, numel):
     """A module's storage is sized from its first chunks; a later chunk with many more entries grows it, and the part
-    equals the pieces joined (positions shifted to the module; none stored where they are not tracked)."""
+    equals the pieces joined (positions shifted to the module; none stored where they are not tracked), whether the
+    C loop's pieces are copied in by one C call or by torch ops, into int32 or (a module of 2^31 elements) int64."""
+    monkeypatch.setenv("DFT_PEFT_CPU_KERNEL", kernel)
+    calls = []
+    append = window_cpu.append
+    monkeypatch.setattr(window_cpu, "append", lambda *a: calls.append(1) or append(*a))
     pieces = []
     for count in (3, 5, 900, 0, 40):
         index = torch.arange(count, dtype=torch.int32) * 2
         keyed = torch.randperm(count, generator=gen)[: count // 3].sort().values.int()
         pieces.append((index, rand(gen, count), keyed, torch.randint(1, 99, (keyed.numel(),), dtype=torch.int32)))
-    entries = select_torch._Entries(module=0, numel=100_000, device=torch.device("cpu"), track_pos=True)
+    entries = select_torch._Entries(module=0, numel=numel, device=torch.device("cpu"), track_pos=True)
     for i, piece in enumerate(pieces):
-        entries.append([piece], seen=(i + 1) * 1000, shift=10 * i)
+        entries.append([piece], seen=numel - 1000 * (len(pieces) - i), shift=10 * i)
+    assert len(calls) == (len(pieces) if kernel == "c" else 0)
     module, idx, vals, pos, keys = entries.part()
     before = [0, *itertools.accumulate(p[0].numel() for p in pieces)]
-    assert module == 0 and idx.dtype == torch.int32
-    assert torch.equal(idx, torch.cat([p[0] + 10 * i for i, p in enumerate(pieces)]))
+    assert module == 0 and idx.dtype == pos.dtype == (torch.int32 if numel < 1 << 31 else torch.int64)
+    assert torch.equal(idx, torch.cat([p[0] + 10 * i for i, p in enumerate(pieces)]).to(idx.dtype))
     assert torch.equal(vals, torch.cat([p[1] for p in pieces]))
-    assert torch.equal(pos, torch.cat([p[2] + b for p, b in zip(pieces, before)]))
+    assert torch.equal(pos, torch.cat([p[2] + b for p, b in zip(pieces, before)]).to(pos.dtype))
     assert torch.equal(keys, torch.cat([p[3] for p in pieces]))
     every = select_torch._Entries(module=1, numel=10, device=torch.device("cpu"), track_pos=False)
     every.append([(torch.arange(4, dtype=torch.int32), rand(gen, 4), None, torch.ones(4, dtype=torch.int32))], 10, 0)
