@@ -293,6 +293,8 @@ class _Entries:
         self.keys = self._room(self.keys, self.keyed, keyed, seen)
         if self.track_pos:
             self.pos = self._room(self.pos, self.keyed, keyed, seen)
+        if self.n + count > self.idx.numel() or self.keyed + keyed > self.keys.numel():  # C writes unchecked
+            raise RuntimeError(f"a chunk brought more entries than its module has elements ({self.numel})")
         native = window_cpu.library()
         if native is not None and window_cpu.appendable(pieces):
             window_cpu.append(native, pieces, self.idx, self.vals, self.pos if self.track_pos else None, self.keys,

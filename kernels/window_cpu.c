@@ -65,7 +65,8 @@ static inline float load_f16(const void *p, int64_t i) { /* exact IEEE half → 
             int len = n - start < BLOCK ? (int)(n - start) : BLOCK;                                               \
             for (int j = 0; j < len; j++) {                                                                       \
                 int64_t i = start + j;                                                                            \
-                /* tests on the bit patterns, whose magnitudes order like the floats: fewer instructions */       \
+                /* tests on the bit patterns (magnitudes order like the floats; a NaN's key may pass MAX_KEY,     \
+                   outside every window, and the chunk is flagged): fewer instructions than float compares */     \
                 float u = X, v = Y, d = fabsf(u - v);                                                             \
                 int32_t bu, bv, bits;                                                                             \
                 memcpy(&bu, &u, sizeof bu);                                                                       \
@@ -85,7 +86,8 @@ static inline float load_f16(const void *p, int64_t i) { /* exact IEEE half → 
                     int64_t i = start + j;                                                                        \
                     kept &= kept - 1;                                                                             \
                     index[count] = base + (int32_t)start + j;                                                     \
-                    value[count] = (X) * scale; /* computed for kept elements only */                             \
+                    float kept_x = X; /* rounded to float first, as torch has it */                               \
+                    value[count] = kept_x * scale; /* computed for kept elements only */                          \
                     pos[with_key] = (int32_t)count;                                                               \
                     key[with_key] = k[j];                                                                         \
                     with_key += k[j] < sure;                                                                      \
@@ -124,7 +126,7 @@ DEFINE_TERMS_ROW(f16, load_f16)
 
 /* Append the pieces of a window call to a module's entries in one call, on the calling thread: indices (plus `shift`)
  * from index[n], values from value[n], keys from key[keyed] and, where pos is not NULL, the positions made relative to
- * the module (plus the entries before their piece). INDEX_T is the storage's index type; the pieces' are int32. */
+ * the storage (plus the entries before their piece). INDEX_T is the storage's index type; the pieces' are int32. */
 #define DEFINE_APPEND(NAME, INDEX_T)                                                                              \
     void NAME(int64_t pieces, const int32_t *const *src_index, const float *const *src_value,                     \
               const int32_t *const *src_pos, const int32_t *const *src_key, const int64_t *count,                 \
@@ -133,11 +135,13 @@ DEFINE_TERMS_ROW(f16, load_f16)
         for (int64_t p = 0; p < pieces; p++) {                                                                    \
             for (int64_t j = 0; j < count[p]; j++)                                                                \
                 index[n + j] = (INDEX_T)(src_index[p][j] + shift);                                                \
-            memcpy(value + n, src_value[p], (size_t)count[p] * sizeof *value);                                    \
+            if (count[p]) /* an empty storage may have no address */                                              \
+                memcpy(value + n, src_value[p], (size_t)count[p] * sizeof *value);                                \
             if (pos)                                                                                              \
                 for (int64_t j = 0; j < keyed[p]; j++)                                                            \
                     pos[nkeyed + j] = (INDEX_T)(src_pos[p][j] + n);                                               \
-            memcpy(key + nkeyed, src_key[p], (size_t)keyed[p] * sizeof *key);                                     \
+            if (keyed[p])                                                                                         \
+                memcpy(key + nkeyed, src_key[p], (size_t)keyed[p] * sizeof *key);                                 \
             n += count[p];                                                                                        \
             nkeyed += keyed[p];                                                                                   \
         }                                                                                                         \

@@ -234,13 +234,13 @@ def append(
     made relative to the storage. (Per-piece torch copies, each a parallel region of its own, contended with the
     threads scoring the next chunk.) The storage must have room; its index type is that of `index` (int32/int64)."""
     fn = lib.append_i32 if index.dtype == torch.int32 else lib.append_i64
-    count = len(pieces)
+    parts = len(pieces)
 
     def pointers(field: int) -> ctypes.Array:
-        return (ctypes.c_void_p * count)(*(piece[field].data_ptr() for piece in pieces))
+        return (ctypes.c_void_p * parts)(*(piece[field].data_ptr() for piece in pieces))
 
-    sizes = [(ctypes.c_int64 * count)(*(piece[field].numel() for piece in pieces)) for field in (0, 3)]
-    fn(count, pointers(0), pointers(1), pointers(2), pointers(3), *sizes, index.data_ptr(), value.data_ptr(),
+    sizes = [(ctypes.c_int64 * parts)(*(piece[field].numel() for piece in pieces)) for field in (0, 3)]
+    fn(parts, pointers(0), pointers(1), pointers(2), pointers(3), *sizes, index.data_ptr(), value.data_ptr(),
        None if pos is None else pos.data_ptr(), key.data_ptr(), n, keyed, shift)
 
 

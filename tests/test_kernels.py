@@ -418,6 +418,25 @@ def test_entries_grow_past_their_estimate(gen, monkeypatch, kernel, numel):
     every = select_torch._Entries(module=1, numel=10, device=torch.device("cpu"), track_pos=False)
     every.append([(torch.arange(4, dtype=torch.int32), rand(gen, 4), None, torch.ones(4, dtype=torch.int32))], 10, 0)
     assert every.part()[3] is None and every.pos.numel() == 0
+    # several pieces in one call (a chunk split across threads), positions not tracked
+    untracked = select_torch._Entries(module=2, numel=numel, device=torch.device("cpu"), track_pos=False)
+    untracked.append(pieces, seen=numel, shift=7)
+    _, idx, vals, pos, keys = untracked.part()
+    assert pos is None and untracked.pos.numel() == 0
+    assert torch.equal(idx, (torch.cat([p[0] for p in pieces]) + 7).to(idx.dtype))
+    assert torch.equal(vals, torch.cat([p[1] for p in pieces]))
+    assert torch.equal(keys, torch.cat([p[3] for p in pieces]))
+    assert len(calls) == (len(pieces) + 1 if kernel == "c" else 0)
+
+
+def test_entries_refuse_more_than_the_module_holds(gen):
+    """A chunk with more entries than its module has elements (a broken lazy mapping) raises before anything is
+    written: the C append does not check bounds itself."""
+    entries = select_torch._Entries(module=0, numel=4, device=torch.device("cpu"), track_pos=True)
+    piece = (torch.arange(5, dtype=torch.int32), rand(gen, 5), torch.arange(5, dtype=torch.int32),
+             torch.ones(5, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="more entries than its module has elements"):
+        entries.append([piece], seen=4, shift=0)
 
 
 @pytest.mark.parametrize("seed", range(6))
