@@ -231,8 +231,9 @@ def append(
 ) -> None:
     """Copy `window`'s pieces into a module's storage in one C call on this thread, without the GIL: indices plus
     `shift` and values from entry n, keys from keyed entry `keyed`, and (`pos` given) the keyed entries' positions
-    made relative to the storage. (Per-piece torch copies, each a parallel region of its own, contended with the
-    threads scoring the next chunk.) The storage must have room; its index type is that of `index` (int32/int64)."""
+    made relative to the storage. (It measured faster than four torch copies per piece, each op paying dispatch and,
+    for large pieces, a parallel region, while the pool scores the next chunk.) The storage must have room; its index
+    type is that of `index` (int32/int64)."""
     fn = lib.append_i32 if index.dtype == torch.int32 else lib.append_i64
     parts = len(pieces)
 
