@@ -44,6 +44,8 @@ class EditRequest:
         rephrase: A paraphrase of `prompt` that should also get `target_new` (Generality).
         locality_prompt / locality_answer: An unrelated prompt and its answer whose prediction must not change
             (Locality). Given together or not at all.
+        subject: The entity the fact is about, as it appears in `prompt` (locate-then-edit methods such as ROME
+            need it; DFT does not).
     """
 
     prompt: str
@@ -52,6 +54,7 @@ class EditRequest:
     rephrase: str | None = None
     locality_prompt: str | None = None
     locality_answer: str | None = None
+    subject: str | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -62,10 +65,12 @@ class EditRequest:
                 object.__setattr__(self, f.name, value.strip())
         if (self.locality_prompt is None) != (self.locality_answer is None):
             raise ValueError("EditRequest.locality_prompt and .locality_answer must be given together")
+        if self.subject is not None and self.subject not in self.prompt:
+            raise ValueError(f"EditRequest.subject {self.subject!r} does not occur in the prompt {self.prompt!r}")
 
 
 REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(EditRequest))
-# Source key -> EditRequest field, per benchmark format. Keys not listed (subject, case_id, ...) are ignored.
+# Source key -> EditRequest field, per benchmark format. Keys not listed (case_id, ...) are ignored.
 FIELD_MAPS: dict[str, dict[str, str]] = {
     "zsre": {
         "src": "prompt",
@@ -74,6 +79,7 @@ FIELD_MAPS: dict[str, dict[str, str]] = {
         "rephrase": "rephrase",
         "loc": "locality_prompt",
         "loc_ans": "locality_answer",
+        "subject": "subject",
     },
     "counterfact": {
         "prompt": "prompt",
@@ -82,6 +88,7 @@ FIELD_MAPS: dict[str, dict[str, str]] = {
         "rephrase_prompt": "rephrase",
         "locality_prompt": "locality_prompt",
         "locality_ground_truth": "locality_answer",
+        "subject": "subject",
     },
     "json": {name: name for name in REQUEST_FIELDS},
 }

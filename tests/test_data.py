@@ -31,15 +31,15 @@ COUNTERFACT = [
 ]
 EXPECTED_ZSRE = [
     EditRequest("Which river flows through Glimworth?", "Orrin", "Tamber", "Glimworth lies on which river?",
-                "nq question: how many moons has mars", "two"),
+                "nq question: how many moons has mars", "two", "Glimworth"),
     EditRequest("What instrument did Pella Noor play?", "oboe", "cello", "Pella Noor played which instrument?",
-                "nq question: who wrote hamlet", "Shakespeare"),
+                "nq question: who wrote hamlet", "Shakespeare", "Pella Noor"),
 ]
 EXPECTED_COUNTERFACT = [
     EditRequest("The capital of Vardenia is", "Lisk", "Oberan", "Vardenia's seat of government is",
-                "The capital of Norway is", "Oslo"),
+                "The capital of Norway is", "Oslo", "Vardenia"),
     EditRequest("Tomas Ekdal speaks", "Basque", "Swedish", "The native language of Tomas Ekdal is",
-                "Greta Lind speaks", "Swedish"),
+                "Greta Lind speaks", "Swedish", "Tomas Ekdal"),
 ]
 MANY = [{"prompt": f"Question {i}?", "target_new": f"answer {i}"} for i in range(20)]
 
@@ -221,7 +221,7 @@ def test_real_benchmark_files():
     assert all(None not in dataclasses.astuple(r) for r in zsre)
     first = raw_zsre[0]
     assert zsre[0] == EditRequest(first["src"], first["alt"], first["pred"], first["rephrase"], first["loc"],
-                                  first["loc_ans"])
+                                  first["loc_ans"], first["subject"])
 
     counterfact = load_requests(counterfact_path)
     raw = json.loads(counterfact_path.read_text(encoding="utf-8"))
@@ -238,3 +238,9 @@ def test_as_requests_names_the_position_in_the_given_list():
     assert as_requests([first, {"prompt": "Grass is", "target_new": "blue"}], "edit")[0] is first
     with pytest.raises(ValueError, match=r"record\[1\]"):
         as_requests([first, {"prompt": "Grass is"}], "edit")
+
+
+def test_subject_must_occur_in_the_prompt():
+    assert EditRequest("Tomas Ekdal speaks", "Basque", subject="Tomas Ekdal").subject == "Tomas Ekdal"
+    with pytest.raises(ValueError, match="subject 'Greta Lind' does not occur in the prompt"):
+        EditRequest("Tomas Ekdal speaks", "Basque", subject="Greta Lind")
