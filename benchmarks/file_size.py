@@ -12,23 +12,17 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
-# A sibling module, imported before this folder leaves sys.path.
-from llama_shapes import layer_shapes, model_shapes, projection_names
-
-# benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder off the path.
-sys.path.remove(os.path.dirname(os.path.abspath(__file__)))
-
 import argparse
 import json
+import os
 import shlex
+import sys
 import tempfile
 import time
 
 import matplotlib
 import torch
+from llama_shapes import layer_shapes, model_shapes, projection_names
 from peft import ShiraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file

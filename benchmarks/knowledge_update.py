@@ -13,18 +13,14 @@ over epochs, LoRA over steps, DFT over rounds and top_t).
 
 from __future__ import annotations
 
-import os
-import sys
-
-# benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder off the path.
-sys.path.remove(os.path.dirname(os.path.abspath(__file__)))
-
 import argparse
 import copy
 import dataclasses
 import hashlib
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable

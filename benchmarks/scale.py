@@ -27,28 +27,23 @@ machine hits both; the median wall time is reported with the range, and the larg
 writes benchmarks/results/scale.{json,md,png}.
 """
 
-import os
-import sys
-
-# A sibling module, imported before this folder leaves sys.path.
-from llama_shapes import layer_shapes, model_shapes, projection_names
-
-sys.path.remove(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/kernels.py would shadow `kernels`
-
 import argparse
 import cProfile
 import io
 import json
 import math
+import os
 import pstats
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 
 import torch
+from llama_shapes import layer_shapes, model_shapes, projection_names
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn

@@ -45,7 +45,7 @@ def test_knowledge_update_quick(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["notes"] == notes.read_text()
 
 
-GPU_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernels_gpu.py")
+GPU_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernel_speed_gpu.py")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")

@@ -1,6 +1,6 @@
-"""Kernel benchmark on the CPU: core-selection throughput and memory, merge cost (the GPU: kernels_gpu.py).
+"""Kernel benchmark on the CPU: core-selection throughput and memory, merge cost (the GPU: kernel_speed_gpu.py).
 
-    python benchmarks/kernels.py [--sizes 10M,100M,1B] [--top-t 0.05,0.01] [--repeats 3]
+    python benchmarks/kernel_speed.py [--sizes 10M,100M,1B] [--top-t 0.05,0.01] [--repeats 3]
 
 writes benchmarks/results/kernels.{json,md,png}. Every selection measurement runs in a fresh subprocess, so its peak
 memory (RSS high-water mark, reset after the inputs are built) is its own.
@@ -14,22 +14,16 @@ Definitions:
   the core's own size (int32 index + fp32 value per entry) is reported beside it.
 """
 
-import os
-import sys
-
-# A sibling module, imported before this folder leaves sys.path.
-from llama_shapes import layer_shapes
-
-sys.path.remove(os.path.dirname(os.path.abspath(__file__)))  # this file's name would shadow the `kernels` package
-
 import argparse
 import ctypes
 import datetime
 import gc
 import json
 import math
+import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +31,7 @@ from pathlib import Path
 import torch
 from dft_peft.kernels import scatter_merge, window_cpu
 from dft_peft.kernels.select_core_torch import FLT_MIN, compile_wanted, core_size
+from llama_shapes import layer_shapes
 
 from dft_peft import codec
 from dft_peft.config import DFTConfig
@@ -291,7 +286,7 @@ def render(results: dict) -> str:
               f"| {m['numel']:,} | {m['modules']} | {m['density']} | {m['core_nnz']:,} | {mb(m['file_bytes'])} "
               f"| {m['lora_ranks'][0]}–{m['lora_ranks'][1]} | {1e3 * m['core_merge_s']:.1f} "
               f"| {1e3 * m['lora_merge_s']:.1f} | {m['lora_over_core']:.1f}× |"]
-    lines += ["", "## GPU (Triton)", "", "Benchmarked by `benchmarks/kernels_gpu.py` on a CUDA machine."]
+    lines += ["", "## GPU (Triton)", "", "Benchmarked by `benchmarks/kernel_speed_gpu.py` on a CUDA machine."]
     for note in results["notes"]:
         lines += ["", note]
     return "\n".join(lines) + "\n"
@@ -400,7 +395,7 @@ def main() -> None:
                      "random elements (different offsets per module and for Δnew/Δold), so the deltas never sit in "
                      "memory at once; the pools far exceed the caches, so every read comes from DRAM.")
     results = {
-        "command": " ".join(["python benchmarks/kernels.py", *sys.argv[1:]]),
+        "command": " ".join(["python benchmarks/kernel_speed.py", *sys.argv[1:]]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
                    f"{torch.get_num_threads()} torch threads",
         "load_average": {"start": load_before, "end": os.getloadavg()},

@@ -1,7 +1,7 @@
 """GPU kernel benchmark: Triton core selection against the device's copy bandwidth and `torch.topk`, and the Triton
 scatter-merge against merging a LoRA adapter of the same file size.
 
-    python benchmarks/kernels_gpu.py [--sizes 100M,1B] [--top-t 0.05,0.01] [--dtypes float32,bfloat16] [--repeats 5]
+    python benchmarks/kernel_speed_gpu.py [--sizes 100M,1B] [--top-t 0.05,0.01] [--dtypes float32,bfloat16]
 
 writes benchmarks/results/kernels_gpu/kernels_gpu.{json,md,png}. `--device cpu` runs the same code on CPU tensors
 under `TRITON_INTERPRET=1` (tiny sizes only: a smoke test of the script, not a measurement).
@@ -12,31 +12,25 @@ Definitions:
 * copy bandwidth: source bytes per second of `dst.copy_(src)` over the very tensors the selection reads, into a
   preallocated buffer (a copy also writes as many bytes, so a pure read stream can exceed it); the device copy figure
   of a 2 GiB buffer is reported too, counting bytes read + written;
-* naive: concatenate, mask, abs, `torch.topk` over all scores (`select_naive_topk` in kernels.py);
+* naive: concatenate, mask, abs, `torch.topk` over all scores (`select_naive_topk` in kernel_speed.py);
 * peak extra: the CUDA allocator's high-water mark during one selection minus what was allocated before it.
 """
 
-import importlib.util
+import argparse
+import datetime
+import json
 import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-# kernels.py imports its sibling llama_shapes, then takes this folder off sys.path (its name shadows `kernels`).
-_spec = importlib.util.spec_from_file_location("kernels_benchmark", Path(__file__).with_name("kernels.py"))
-cpu_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cpu_bench)
-
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from dft_peft.kernels import select_core_torch, select_core_triton  # noqa: E402
-from dft_peft.kernels.select_core_torch import core_size  # noqa: E402
+import kernel_speed as cpu_bench
+import torch
+import triton
+from dft_peft.kernels import select_core_torch, select_core_triton
+from dft_peft.kernels.select_core_torch import core_size
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels_gpu"
 GOAL = 0.7
@@ -220,7 +214,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("kernels_gpu.py: no CUDA device (use --device cpu with TRITON_INTERPRET=1 for a smoke test)")
+        sys.exit("kernel_speed_gpu.py: no CUDA device (use --device cpu with TRITON_INTERPRET=1 for a smoke test)")
     os.environ["DFT_PEFT_COMPILE"] = "0"  # the torch path is only the bit-exact reference here
     started = time.time()
     clock = Clock(args.device)
@@ -229,7 +223,7 @@ def main() -> None:
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     specs = [(n, t, d, "global") for _, n in sizes for d in dtypes for t in tops]
     specs.append((sizes[-1][1], tops[0], dtypes[0], "per_module"))
-    results = {"command": " ".join(["python benchmarks/kernels_gpu.py", *sys.argv[1:]]),
+    results = {"command": " ".join(["python benchmarks/kernel_speed_gpu.py", *sys.argv[1:]]),
                "device": torch.cuda.get_device_name() if clock.cuda else "cpu (Triton interpreter)",
                "torch": torch.__version__, "triton": triton.__version__,
                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
