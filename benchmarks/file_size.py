@@ -1,6 +1,6 @@
 """Bytes per nonzero of DFT edit files at the core densities, against the entropy bound and other sparse layouts.
 
-(a) Codec level: random supports over SmolLM2-135M's module shapes, Elias-Fano coded with `dft_peft.codec`
+(a) Codec level: random supports over SmolLM2-135M's module shapes, Elias-Fano coded with `dft_peft.format.codec`
     (every code is decoded back and compared). Index bytes are compared with log2 C(numel, nnz), the fewest bits any
     lossless code can use for an arbitrary support. The other layouts' sizes are their raw tensor bytes.
 (b) File level: `adapter_model.safetensors` written by `save_pretrained` of a DFT adapter on a randomly initialised
@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import dft_peft
-from dft_peft.codec import decode_indices, encode_indices, encoded_size_bytes, entropy_bound_bits
+from dft_peft.format.codec import decode_indices, encode_indices, encoded_size_bytes, entropy_bound_bits
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -295,7 +295,8 @@ def main() -> None:
         json.dump({"command": command, "torch": torch.__version__, "codec_level": codec_rows,
                    "file_level": file_rows}, f, indent=2)
     notes = (
-        "EF = Elias-Fano (`dft_peft.codec`); meta = 32 bytes per module. Entropy bound = log2 C(numel, nnz) summed "
+        "EF = Elias-Fano (`dft_peft.format.codec`); meta = 32 bytes per module. Entropy bound = log2 C(numel, nnz) "
+        "summed "
         "over modules. Super-Tuning's layout is taken as one int32 flat index + one fp32 value per nonzero; SHiRA's "
         "is PEFT's: (row, col) int32 pair + fp32 weight. At file level SHiRA's density is r·(in+out)/(in·out) for "
         "the integer r closest to the target, so it differs from the DFT density."

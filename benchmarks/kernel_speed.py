@@ -29,12 +29,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from dft_peft.kernels import scatter_merge, window_cpu
+from dft_peft.kernels import window_cpu
 from dft_peft.kernels.select_core_torch import FLT_MIN, compile_wanted, core_size
 from llama_shapes import layer_shapes
 
-from dft_peft import codec
-from dft_peft.config import DFTConfig
+from dft_peft.format import codec
+from dft_peft.tuner.config import DFTConfig
+from dft_peft.tuner.merge import scatter_merge
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POOL = 1 << 28  # elements per input pool of the largest size (1 GiB of fp32 each)
@@ -154,7 +155,7 @@ def worker(spec: dict) -> dict:
     torch.manual_seed(0)
     new, old, pooled = make_deltas(spec["numel"], getattr(torch, spec["dtype"]))
     if spec["method"] == "torch":
-        from dft_peft.kernels import select_core_torch
+        from dft_peft.kernels.select_core_torch import select_core_torch
 
         def fn():
             return select_core_torch(new, old, spec["top_t"])

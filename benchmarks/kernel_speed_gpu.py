@@ -29,8 +29,8 @@ from pathlib import Path
 import kernel_speed as cpu_bench
 import torch
 import triton
-from dft_peft.kernels import select_core_torch, select_core_triton
-from dft_peft.kernels.select_core_torch import core_size
+from dft_peft.kernels.select_core_torch import core_size, select_core_torch
+from dft_peft.kernels.select_core_triton import select_core_triton
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels_gpu"
 GOAL = 0.7

@@ -4,17 +4,17 @@
 `PeftConfig.from_pretrained`, `PeftModel.from_pretrained` and `AutoPeftModelForCausalLM.from_pretrained` resolve it.
 """
 
-from .build import build_edit
-from .config import DFTConfig
-from .core import select_core
-from .data import EditRequest, load_requests
-from .distributed import Shard, gather_core
-from .edit import EditArguments, EditReport, edit
-from .layer import DFTLayer
-from .metrics import EditMetrics, evaluate, locality_reference
-from .model import DFTModel
-from .registration import register
-from .sparse import SparseDelta
+from .editing.build import build_edit
+from .editing.rounds import EditArguments, EditReport, edit
+from .evaluation.metrics import EditMetrics, evaluate, locality_reference
+from .evaluation.requests import EditRequest, load_requests
+from .format.sparse import SparseDelta
+from .selection import select_core
+from .selection.sharded import Shard, gather_core
+from .tuner.config import DFTConfig
+from .tuner.layer import DFTLayer
+from .tuner.model import DFTModel
+from .tuner.registration import register
 
 register(DFTConfig, DFTModel)
 

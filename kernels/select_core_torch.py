@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..sparse import SparseDelta, index_dtype
+from ..format.sparse import SparseDelta, index_dtype
 from . import window_cpu
 
 SELECTIONS = ("global", "per_module")

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..sparse import INT32_LIMIT, SparseDelta, index_dtype
+from ..format.sparse import INT32_LIMIT, SparseDelta, index_dtype
 from .select_core_torch import (
     FLT_MIN,
     MAX_KEY,

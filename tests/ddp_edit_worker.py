@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from tiny_models import TOY_FACTS, tiny_llama, tiny_tokenizer
 
 import dft_peft
-from dft_peft.edit import EditArguments
+from dft_peft import EditArguments
 
 PROBE = torch.tensor([[2, 5, 7, 9, 3]])
 

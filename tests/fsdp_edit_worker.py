@@ -12,9 +12,9 @@ from tiny_models import TOY_FACTS, tiny_llama, tiny_tokenizer
 from torch.distributed.fsdp import fully_shard
 
 import dft_peft
-from dft_peft.edit import EditArguments
+from dft_peft import EditArguments
 
-edit_module = importlib.import_module("dft_peft.edit")  # the module (`dft_peft.edit` is also the function)
+edit_module = importlib.import_module("dft_peft.editing.rounds")  # the module (`dft_peft.edit` is also the function)
 
 GATHERS = []
 _gather_core = edit_module.gather_core

@@ -12,8 +12,8 @@ import torch
 from tiny_models import TOY_FACTS, tiny_llama, tiny_tokenizer
 
 import dft_peft.models
+from dft_peft import EditArguments
 from dft_peft.cli import build_parser, dft_config, edit_arguments, main, module_kind
-from dft_peft.edit import EditArguments
 
 EDIT_FLAGS = ["--max-rounds", "1", "--epochs", "1", "--batch-size", "3", "--learning-rate", "1e-2", "--top-t", "0.1"]
 

@@ -6,9 +6,9 @@ import re
 import pytest
 import torch
 
-from dft_peft import sparse
-from dft_peft.codec import decode_indices, encode_indices, encoded_size_bytes, entropy_bound_bits
-from dft_peft.sparse import check_indices
+from dft_peft.format import sparse
+from dft_peft.format.codec import decode_indices, encode_indices, encoded_size_bytes, entropy_bound_bits
+from dft_peft.format.sparse import check_indices
 
 NAME = "model.layers.3.mlp.down_proj"
 

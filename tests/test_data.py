@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from dft_peft.data import EditRequest, as_requests, demo_requests, load_requests, requests_from_dicts, save_requests
+from dft_peft.evaluation.requests import (
+    EditRequest,
+    as_requests,
+    demo_requests,
+    load_requests,
+    requests_from_dicts,
+    save_requests,
+)
 
 DATA_DIR = Path(os.environ.get("DFT_PEFT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -170,7 +177,7 @@ def test_unknown_format(tmp_path):
 def test_skip_invalid(tmp_path, caplog):
     records = [ZSRE[0], {**ZSRE[1], "alt": ""}, "not a record", ZSRE[1]]
     path = write_json(tmp_path / "z.json", records)
-    with caplog.at_level(logging.WARNING, logger="dft_peft.data"):
+    with caplog.at_level(logging.WARNING, logger="dft_peft.evaluation.requests"):
         assert load_requests(path, format="zsre", skip_invalid=True) == EXPECTED_ZSRE
     assert "skipped 2 invalid record(s): [1, 2]" in caplog.text
     with pytest.raises(ValueError, match="no valid records"):

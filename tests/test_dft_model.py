@@ -17,7 +17,7 @@ from safetensors import safe_open
 from tiny_models import MODELS, dense_reference, random_core, tiny_llama
 
 import dft_peft
-from dft_peft.layer import DFTLayer
+from dft_peft.tuner.layer import DFTLayer
 
 CASES = [
     ("llama", "all-linear"),

@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from dft_peft.kernels import select_core_naive
-from dft_peft.kernels.select_core_torch import core_size
+from dft_peft.kernels.select_core_torch import core_size, select_core_naive
 
-from dft_peft.distributed import Shard, gather_core, select_core_sharded
+from dft_peft.selection.sharded import Shard, gather_core, select_core_sharded
 
 WORLD = 2
 CHUNK = 160

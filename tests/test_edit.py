@@ -9,15 +9,15 @@ import json
 
 import pytest
 import torch
-from dft_peft.kernels import select_core_naive
+from dft_peft.kernels.select_core_torch import select_core_naive
 from peft import get_peft_model
 from tiny_models import TOY_FACTS, tiny_llama, tiny_tokenizer
 
 import dft_peft
-from dft_peft.edit import EditArguments, edit
-from dft_peft.finetune import EpochBatches
-from dft_peft.layer import DFTLayer
-from dft_peft.metrics import target_token_accuracy
+from dft_peft import EditArguments, edit
+from dft_peft.editing.training import EpochBatches
+from dft_peft.evaluation.metrics import target_token_accuracy
+from dft_peft.tuner.layer import DFTLayer
 
 TARGETS = ["q_proj", "up_proj", "down_proj"]
 
@@ -228,7 +228,7 @@ def test_build_edit_refuses_a_corrupt_checkpoint(tmp_path, corruption, message):
 
 def test_checkpoint_reader_reads_rows_and_ranges(tmp_path):
     """Rows and flat ranges as safetensors stores them; a stepped slice is refused rather than read as contiguous."""
-    from dft_peft.build import CheckpointReader
+    from dft_peft.format.checkpoint import CheckpointReader
 
     model = tiny_llama(torch.bfloat16)
     model.save_pretrained(tmp_path / "m")
@@ -243,7 +243,7 @@ def test_checkpoint_reader_reads_rows_and_ranges(tmp_path):
 
 
 def test_checkpoint_index_cannot_name_files_outside_its_directory(tmp_path):
-    from dft_peft.build import CheckpointReader
+    from dft_peft.format.checkpoint import CheckpointReader
 
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from tiny_models import random_core, tiny_llama
 
 import dft_peft
-from dft_peft import codec
-from dft_peft.layer import DFTLayer
+from dft_peft.format import codec
+from dft_peft.tuner.layer import DFTLayer
 
 NAME = "base_model.model.model.layers.0.mlp.up_proj"  # a module every saved edit below changes
 WEIGHTS = "adapter_model.safetensors"

@@ -17,19 +17,15 @@ from collections.abc import Mapping
 
 import pytest
 import torch
-from dft_peft.kernels import (
-    HAS_TRITON,
-    compose_weight,
+from dft_peft.kernels.scatter_merge_torch import (
     compose_weight_torch,
-    merged_values,
     merged_values_torch,
-    scatter_merge,
     scatter_merge_torch,
-    scatter_restore,
     scatter_restore_torch,
-    select_core_naive,
-    select_core_torch,
 )
+from dft_peft.kernels.select_core_torch import select_core_naive, select_core_torch
+
+from dft_peft.tuner.merge import HAS_TRITON, compose_weight, merged_values, scatter_merge, scatter_restore
 
 select_torch = importlib.import_module("dft_peft.kernels.select_core_torch")
 window_cpu = importlib.import_module("dft_peft.kernels.window_cpu")
@@ -731,7 +727,11 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_scatter_merge_matches_torch(gen, dtype):
-    from dft_peft.kernels import merged_values_triton, scatter_merge_triton, scatter_restore_triton
+    from dft_peft.kernels.scatter_merge_triton import (
+        merged_values_triton,
+        scatter_merge_triton,
+        scatter_restore_triton,
+    )
 
     weight, indices, values = merge_case(gen, dtype)
     for idx in (indices, indices.long()):
@@ -750,7 +750,7 @@ def test_scatter_merge_matches_torch(gen, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_compose_weight_matches_torch(gen, dtype, transposed):
-    from dft_peft.kernels import compose_weight_triton
+    from dft_peft.kernels.scatter_merge_triton import compose_weight_triton
 
     weight, indices, values = merge_case(gen, dtype)
     if transposed:

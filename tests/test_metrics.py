@@ -14,8 +14,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from dft_peft.data import EditRequest
-from dft_peft.metrics import EditMetrics, evaluate, locality_reference, target_token_accuracy
+from dft_peft.evaluation.metrics import EditMetrics, evaluate, locality_reference, target_token_accuracy
+from dft_peft.evaluation.requests import EditRequest
 
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 WORDS = [

@@ -10,7 +10,7 @@ import pytest
 from conftest import DATA_DIR
 
 import dft_peft
-from dft_peft.edit import EditArguments
+from dft_peft import EditArguments
 
 ZSRE = os.path.join(DATA_DIR, "zsre_mend-800.json")
 

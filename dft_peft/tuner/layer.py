@@ -12,9 +12,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D as HFConv1D
 
+from ..format.sparse import SparseDelta, coalesce, index_dtype
 from .config import DFTConfig
-from .kernels import compose_weight, merged_values, scatter_merge, scatter_restore
-from .sparse import SparseDelta, coalesce, index_dtype
+from .merge import compose_weight, merged_values, scatter_merge, scatter_restore
 
 FINGERPRINT_SIZE = 16
 

@@ -20,7 +20,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .data import EditRequest, as_requests
+from .requests import EditRequest, as_requests
 
 METRICS = ("reliability", "generality", "locality")
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -17,143 +14,20 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .config import DFTConfig
-from .core import select_core
-from .data import EditRequest, as_requests
-from .distributed import Shard, gather_core, sum_over_ranks
-from .finetune import CoreValues, DenseDeltas, EpochBatches, LoRADeltas, ShardedDeltas, check_engine, train
-from .kernels.select_core_torch import chunk_keys, iter_chunk_pairs
-from .layer import Embedding
-from .metrics import module_mode, target_token_accuracy
-from .model import PEFT_PREFIX, DFTModel, adapter_to_edit
-
-
-@dataclass
-class EditArguments:
-    """How `edit` fine-tunes and when it stops.
-
-    Args:
-        delta_source: `"full"` (DFT_FT: full fine-tuning of the targeted weights) or `"lora"` (DFT_LoRA: LoRA
-            fine-tunes whose scale·B·A are the deltas).
-        strategy: `"locate_once"` (default) runs one locate-and-update round, then trains only the core's values
-            on the new facts, round after round (no further fine-tunes). `"paper"` repeats the whole round (§4.2):
-            both fine-tunes from the current weights, a new core, θ ← θ + λ·core. On SmolLM2-135M the paper's
-            rounds needed 4–10× Full-FT's time for similar quality; see benchmarks/results/knowledge_update.
-        max_rounds: Rounds at most.
-        target_reliability: Stop once the mean reliability (teacher-forced token accuracy on the new answers)
-            reaches this.
-        epochs / old_epochs: Epochs of the Δnew and the Δold fine-tunes (`old_epochs=None`: same as `epochs`).
-        core_epochs: Epochs of core-value training per round (`strategy="locate_once"`).
-        reuse_old_delta: Compute Δold in the first round only (`strategy="paper"`).
-        learning_rate / core_learning_rate: Of the fine-tunes / of the core-value training.
-        batch_size, optimizer (`"adamw"` or `"sgd"`), seed: as usual; the edit is deterministic under a seed.
-        lora_r / lora_alpha: LoRA rank and alpha for `delta_source="lora"`.
-        generate_max_new_tokens: Length limit of generated old answers.
-        eval_batch_size: Batch size of the reliability checks.
-    """
-
-    delta_source: Literal["full", "lora"] = "full"
-    strategy: Literal["paper", "locate_once"] = "locate_once"
-    max_rounds: int = 8
-    target_reliability: float = 1.0
-    epochs: int = 2
-    old_epochs: int | None = None
-    core_epochs: int = 1
-    reuse_old_delta: bool = False
-    learning_rate: float = 1e-4
-    core_learning_rate: float = 1e-3
-    batch_size: int = 8
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    seed: int = 0
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    generate_max_new_tokens: int = 16
-    eval_batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        choices = {"delta_source": ("full", "lora"), "strategy": ("paper", "locate_once"),
-                   "optimizer": ("adamw", "sgd")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"EditArguments.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("max_rounds", "epochs", "core_epochs", "batch_size", "lora_r", "generate_max_new_tokens",
-                     "eval_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"EditArguments.{name} must be a positive integer, got {value!r}")
-        if self.old_epochs is not None and (not isinstance(self.old_epochs, int) or self.old_epochs < 1):
-            raise ValueError(f"EditArguments.old_epochs must be a positive integer or None, got {self.old_epochs!r}")
-        for name in ("learning_rate", "core_learning_rate", "lora_alpha"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"EditArguments.{name} must be a finite number > 0, got {value!r}")
-        if not 0.0 < self.target_reliability <= 1.0:
-            raise ValueError(f"EditArguments.target_reliability must be in (0, 1], got {self.target_reliability!r}")
-
-
-@dataclass
-class RoundReport:
-    """What one round did: `core_size` elements located (0 for a core-training round), how many of the targeted
-    parameters had opposite signs in Δnew and Δold, the adapter's size and the reliability after the round."""
-
-    round: int
-    kind: Literal["locate", "train_core"]
-    core_size: int
-    opposite_sign_fraction: float | None
-    adapter_size: int
-    reliability: float
-    seconds: float
-    loss_old: float | None = None
-    loss_new: float | None = None
-
-
-@dataclass
-class EditReport:
-    initial_reliability: float
-    rounds: list[RoundReport] = field(default_factory=list)
-    old_answers: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    callback_seconds: float = 0.0
-
-    @property
-    def reliability(self) -> float:
-        return self.rounds[-1].reliability if self.rounds else self.initial_reliability
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "reliability": self.reliability}
-
-
-def generate_old_answers(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 16
-) -> list[str]:
-    """The model's own greedy answers: the old knowledge DFT locates (§4.1), so users supply only the new facts.
-
-    The model continues each prompt as it is read in training and evaluation (`prompt + " " + answer`); a chat
-    model that only ends its turn there is asked again through its chat template. The answer is cut at the first
-    line break or sentence end.
-    """
-    with module_mode(model, training=False), torch.no_grad():
-        answers = []
-        for prompt in prompts:
-            answer = _greedy(model, tokenizer, tokenizer(prompt, return_tensors="pt"), max_new_tokens)
-            if not answer and getattr(tokenizer, "chat_template", None):
-                chat = tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
-                    return_dict=True,
-                )
-                answer = _greedy(model, tokenizer, chat, max_new_tokens)
-            answers.append(answer)
-    return answers
-
-
-def _greedy(model: nn.Module, tokenizer: PreTrainedTokenizerBase, inputs: Mapping[str, torch.Tensor],
-            max_new_tokens: int) -> str:
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return re.split(r"\n|(?<=\w)[.;!?](?:\s|$)", text.strip(), maxsplit=1)[0].strip()
+from ..evaluation.metrics import module_mode, target_token_accuracy
+from ..evaluation.requests import EditRequest, as_requests
+from ..kernels.select_core_torch import chunk_keys, iter_chunk_pairs
+from ..selection import select_core
+from ..selection.sharded import Shard, gather_core, sum_over_ranks
+from ..tuner.config import DFTConfig
+from ..tuner.layer import Embedding
+from ..tuner.model import DFTModel
+from .adapter import adapter_to_edit
+from .arguments import EditArguments
+from .old_answers import generate_old_answers
+from .report import EditReport, RoundReport
+from .sources import DELTA_SOURCES, CoreValues, ShardedDeltas
+from .training import EpochBatches, check_engine, train
 
 
 def opposite_sign_fraction(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> float:
@@ -288,12 +162,12 @@ def _run(
             torch.manual_seed(args.seed + round_index)
             if args.strategy == "locate_once" and round_index > 1:
                 bar.set_description(f"DFT round {round_index}: core values")
-                values = CoreValues(peft_model, layers, adapter_name, PEFT_PREFIX)
+                values = CoreValues.create(peft_model, layers, args, gen, adapter_name)
                 with module_mode(peft_model, training=True):
                     loss_new = train(values, EpochBatches(tokenizer, prompts, new_answers, args.batch_size, gen),
                                      args.core_epochs, args.core_learning_rate, args.optimizer, bar,
                                      accelerator=accelerator)
-                values.write_back()
+                values.result()
                 del values
                 rel = reliability()
                 report.rounds.append(RoundReport(round_index, "train_core", 0, None,
@@ -307,10 +181,12 @@ def _run(
                         if old_deltas is None or not args.reuse_old_delta:
                             bar.set_description(f"DFT round {round_index}: Δold")
                             old_deltas, loss_old = _fine_tune(peft_model, layers, tokenizer, prompts, old_answers,
-                                                              old_epochs, args, gen, bar, accelerator)
+                                                              old_epochs, args, gen, bar, accelerator,
+                                                              adapter_name)
                         bar.set_description(f"DFT round {round_index}: Δnew")
                         new_deltas, loss_new = _fine_tune(peft_model, layers, tokenizer, prompts, new_answers,
-                                                          args.epochs, args, gen, bar, accelerator)
+                                                          args.epochs, args, gen, bar, accelerator,
+                                                          adapter_name)
                 finally:
                     peft_model.unmerge_adapter()
                 core = locate_core(new_deltas, old_deltas, config)
@@ -356,14 +232,12 @@ def _fine_tune(
     gen: torch.Generator,
     bar: tqdm,
     accelerator: Any,
+    adapter_name: str,
 ) -> tuple[Mapping[str, torch.Tensor], float]:
-    if args.delta_source == "full":
-        fine_tune = DenseDeltas(peft_model, layers, PEFT_PREFIX)
-    else:
-        fine_tune = LoRADeltas(peft_model, layers, args.lora_r, args.lora_alpha, gen)
+    source = DELTA_SOURCES[args.delta_source].create(peft_model, layers, args, gen, adapter_name)
     batches = EpochBatches(tokenizer, prompts, answers, args.batch_size, gen)
-    loss = train(fine_tune, batches, epochs, args.learning_rate, args.optimizer, bar, accelerator=accelerator)
-    return fine_tune.deltas(), loss
+    loss = train(source, batches, epochs, args.learning_rate, args.optimizer, bar, accelerator=accelerator)
+    return source.result(), loss
 
 
 def _launched_accelerator() -> Any:

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from .kernels import select_core_torch
-from .sparse import SparseDelta
+from ..format.sparse import SparseDelta
+from ..kernels.select_core_torch import select_core_torch
+from ..tuner.merge import HAS_TRITON
 
 
 def _on_cuda(deltas: Mapping[str, torch.Tensor]) -> bool:
@@ -49,13 +50,12 @@ def select_core(
     if process_group is not None:
         if numels is None:
             raise ValueError("a sharded select_core needs numels: module name → full shape (or numel)")
-        from .distributed import select_core_sharded
+        from .sharded import select_core_sharded
 
         return select_core_sharded(new_deltas, old_deltas, top_t, selection, scale=scale,
                                    process_group=process_group, numels=numels)
-    if _on_cuda(new_deltas):
-        from .kernels import select_core_triton
+    if _on_cuda(new_deltas) and HAS_TRITON:
+        from ..kernels.select_core_triton import select_core_triton
 
-        if select_core_triton is not None:
-            return select_core_triton(new_deltas, old_deltas, top_t, selection, scale=scale)
+        return select_core_triton(new_deltas, old_deltas, top_t, selection, scale=scale)
     return select_core_torch(new_deltas, old_deltas, top_t, selection, scale=scale)

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 
 import torch
-from peft import PeftModel, get_peft_model
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D as HFConv1D
 
-from . import codec
+from ..format.edit_file import PEFT_PREFIX, decode_module, encode_module, group_parts
+from ..format.sparse import SparseDelta, coalesce, normalize_core_names
 from .config import DFTConfig
-from .edit_file import FILE_PARTS
 from .layer import DFTLayer, dft_layer_class
-from .sparse import SparseDelta, check_indices, coalesce, normalize_core_names
 
-PEFT_PREFIX = "base_model.model."
 FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
@@ -181,11 +177,9 @@ class DFTModel(BaseTuner):
             indices = state_dict.get(f"{name}.dft_indices.{adapter_name}")
             if values is None or indices is None or indices.numel() == 0:
                 continue
-            code, meta = codec.encode_indices(indices.cpu(), layer.base_numel)
-            out[f"{name}.dft_values.{adapter_name}"] = values.detach().to("cpu", config.torch_value_dtype)
-            out[f"{name}.dft_code.{adapter_name}"] = code
-            out[f"{name}.dft_meta.{adapter_name}"] = meta
-            out[f"{name}.dft_fingerprint.{adapter_name}"] = layer.base_fingerprint.clone()
+            parts = encode_module(SparseDelta(indices, values.detach(), layer.base_shape), config.torch_value_dtype,
+                                  layer.base_fingerprint)
+            out.update({f"{name}.{part}.{adapter_name}": tensor for part, tensor in parts.items()})
         return out
 
     @classmethod
@@ -222,47 +216,6 @@ class DFTModel(BaseTuner):
             param.requires_grad_(self._base_requires_grad.get(name, param.requires_grad))
 
 
-@contextmanager
-def adapter_to_edit(
-    model: nn.Module, config: DFTConfig | None, adapter_name: str, caller: str
-) -> Iterator[PeftModel]:
-    """The DFT `PeftModel` whose adapter `adapter_name` an edit extends, all put back as it was if the block fails.
-
-    A plain model is wrapped (`get_peft_model`, adapter "default"); a DFT `PeftModel` gets the adapter if it lacks
-    it. On an error the wrapping or the new adapter is removed, or an existing adapter's values are restored (copies:
-    training the core changes the live values in place; indices are only ever replaced, never changed in place).
-    """
-    if isinstance(model, PeftModel):
-        if not isinstance(model.base_model, DFTModel):
-            raise ValueError(f"{caller} needs a DFT PeftModel, got one of type {model.peft_type}")
-        peft_model, existed = model, adapter_name in model.peft_config
-        if not existed:
-            model.add_adapter(adapter_name, config or DFTConfig())
-    else:
-        if adapter_name != "default":
-            raise ValueError(f"a new DFT model's adapter is named 'default'; pass a PeftModel to {caller} another "
-                             "adapter")
-        try:
-            peft_model, existed = get_peft_model(model, config or DFTConfig()), False
-        except ValueError as err:
-            raise ValueError(f"the model has none of the modules DFTConfig.target_modules names: {err}") from err
-    tuner: DFTModel = peft_model.base_model
-    before = {}
-    if existed:
-        before = {name: SparseDelta(d.indices, d.values.detach().clone(), d.shape)
-                  for name, d in tuner.get_core(adapter_name).items()}
-    try:
-        yield peft_model
-    except BaseException:
-        if existed:
-            layers = tuner.dft_layers()
-            for name, delta in before.items():
-                layers[name].set_sparse_delta(adapter_name, delta)
-        else:
-            tuner._rollback(adapter_name)
-        raise
-
-
 def _named_dft_layers(model: nn.Module) -> dict[str, DFTLayer]:
     """State-dict prefix → DFT layer, as the state dict of `model` names them (FSDP wrapping stripped)."""
     return {
@@ -277,56 +230,17 @@ def _decode_edit_file(
     layers = {n: m for n, m in _named_dft_layers(model).items() if adapter_name in m.dft_values}
     # A file saved from a PeftModel names modules with PEFT's prefix; a model with directly injected layers lacks it.
     aliases = {n if n.startswith(PEFT_PREFIX) else PEFT_PREFIX + n: n for n in layers}
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    passthrough = {}
-    for key, tensor in state_dict.items():
-        prefix, _, part = key.rpartition(".")
-        if part in FILE_PARTS or part == "dft_indices":
-            groups.setdefault(prefix, {})[part] = tensor
-        else:
-            passthrough[key] = tensor
+    groups, passthrough = group_parts(state_dict.items(), extra_parts=("dft_indices",))
     decoded = {}
     for prefix, parts in groups.items():
         name = prefix if prefix in layers else aliases.get(prefix)
         if name is None:
             raise ValueError(f"the edit changes module {prefix.removeprefix(PEFT_PREFIX)!r}, which this model has no "
                              "DFT layer for: was it made for another base model or with other target_modules?")
-        decoded[name] = _decode_module(prefix.removeprefix(PEFT_PREFIX), parts, layers[name], config)
+        layer = layers[name]
+        decoded[name] = decode_module(prefix.removeprefix(PEFT_PREFIX), parts, layer.base_numel, layer.base_shape,
+                                      layer.base_fingerprint if config.verify_base_fingerprint else None)
     return decoded, passthrough
-
-
-def _decode_module(name: str, parts: dict[str, torch.Tensor], layer: DFTLayer, config: DFTConfig) -> SparseDelta:
-    missing = [p for p in FILE_PARTS if p not in parts]
-    if missing:
-        raise ValueError(f"module {name!r}: the edit file lacks {missing} (it holds {sorted(parts)})")
-    for part, allowed in FILE_PARTS.items():
-        if parts[part].dtype not in allowed:
-            raise ValueError(f"module {name!r}: {part} has dtype {parts[part].dtype}, expected one of {allowed}")
-    meta, code, values = parts["dft_meta"], parts["dft_code"], parts["dft_values"]
-    if meta.dtype == torch.int64 and meta.dim() == 1 and meta.numel() >= 2 and int(meta[1]) != layer.base_numel:
-        raise ValueError(f"module {name!r}: the edit was made for a weight of {int(meta[1])} elements but this "
-                         f"model's has {layer.base_numel} (shape {layer.base_shape}): wrong base model")
-    indices = codec.decode_indices(code, meta, layer.base_numel, name)
-    check_indices(indices, layer.base_numel, f"module {name!r}")
-    if values.dim() != 1:
-        raise ValueError(f"module {name!r}: values must be 1-D, got shape {tuple(values.shape)}")
-    if values.numel() != indices.numel():
-        raise ValueError(f"module {name!r}: {indices.numel()} indices but {values.numel()} values")
-    if not torch.isfinite(values).all():
-        raise ValueError(f"module {name!r}: the edit's values contain NaN or inf")
-    fingerprint = parts["dft_fingerprint"]
-    if config.verify_base_fingerprint:
-        expected = layer.base_fingerprint
-        if fingerprint.shape != expected.shape:
-            raise ValueError(f"module {name!r}: malformed base-weight fingerprint of shape {tuple(fingerprint.shape)}")
-        tolerance = 1e-2 * expected.abs().max().clamp_min(1e-12)
-        if not torch.allclose(fingerprint, expected, rtol=1e-2, atol=float(tolerance)):
-            raise ValueError(
-                f"module {name!r}: the base weights differ from those the edit was made for (fingerprint "
-                "mismatch): wrong base model. If you know the edit applies, load with a config whose "
-                "verify_base_fingerprint=False (PeftModel.from_pretrained(base, path, config=config))."
-            )
-    return SparseDelta(indices, values.float(), layer.base_shape)
 
 
 def _rollback_failed_load(model: nn.Module, adapter_name: str) -> None:

@@ -34,14 +34,13 @@ from peft.utils import CONFIG_NAME
 from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .codec import META_FIELDS
-from .config import SELECTIONS, VALUE_DTYPES, DFTConfig
-from .data import FORMATS, EditRequest, demo_requests, load_requests
-from .edit import EditArguments, EditReport, edit, generate_old_answers
-from .edit_file import FILE_PARTS, WEIGHTS_NAME, preflight
-from .metrics import METRICS, EditMetrics, evaluate, locality_reference
-from .model import PEFT_PREFIX
-from .models import SMOLLM2, load_model
+from ..editing.rounds import EditArguments, EditReport, edit, generate_old_answers
+from ..evaluation.metrics import METRICS, EditMetrics, evaluate, locality_reference
+from ..evaluation.requests import FORMATS, EditRequest, demo_requests, load_requests
+from ..format.codec import META_FIELDS
+from ..format.edit_file import FILE_PARTS, PEFT_PREFIX, WEIGHTS_NAME, preflight
+from ..models import SMOLLM2, load_model
+from ..tuner.config import SELECTIONS, VALUE_DTYPES, DFTConfig
 
 # The demo's edit of SmolLM2-135M-Instruct on the shipped facts (`demo_requests`), chosen to take about half a
 # minute on a 2-core CPU: one locate round finds a core of 1% of the weights, then only the core's values are trained
@@ -664,7 +663,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, OSError) as err:
             print(f"dft-peft {ns.command}: error: {err}", file=sys.stderr)
             return 1
-
-
-if __name__ == "__main__":  # `torchrun -m dft_peft.cli edit ...`; `accelerate launch` runs the `dft-peft` script
-    raise SystemExit(main())

@@ -10,7 +10,7 @@ import torch
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from .kernels.select_core_torch import SELECTIONS
+from ..kernels.select_core_torch import SELECTIONS
 
 VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -103,7 +103,7 @@ class DFTConfig(PeftConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """Load the config; for a local edit also refuse a pickled or corrupt weights file before any model changes."""
-        from .edit_file import preflight
+        from ..format.edit_file import preflight
 
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(directory):
@@ -113,6 +113,6 @@ class DFTConfig(PeftConfig):
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Save `adapter_config.json`; when the edit's weights are there, also complete the model card."""
         super().save_pretrained(save_directory, **kwargs)
-        from .model_card import update_model_card
+        from ..format.model_card import update_model_card
 
         update_model_card(save_directory, self.base_model_name_or_path, self.top_t, self.selection)

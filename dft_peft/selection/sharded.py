@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .kernels.select_core_torch import (
+from ..format.sparse import SparseDelta, index_dtype
+from ..kernels.select_core_torch import (
     CHUNK,
     MAX_KEY,
     check_deltas,
@@ -38,7 +39,6 @@ from .kernels.select_core_torch import (
     iter_chunk_pairs,
     raise_nonfinite,
 )
-from .sparse import SparseDelta, index_dtype
 
 LOW_BITS = 16
 HIGH_BINS = (MAX_KEY >> LOW_BITS) + 1

@@ -1,0 +1,123 @@
+"""The benchmark harness: dft_peft's internals in one import block, data splits, probe texts, the memory probe.
+
+Every benchmark module takes the package internals it needs from here (`from harness import train`), so a move
+inside `dft_peft` is fixed in this file's import block alone. Scoring lives in `scoring.py`, the editors in
+`editors.py`, intervals in `intervals.py`, results files and plots in `reporting.py`.
+
+Data splits (the same in every script): a file's valid requests (`load_requests(..., skip_invalid=True)`) that are
+eligible for editing — every zsRE record; CounterFact's records at file positions 0–5999, because positions
+6000–8999 are reserved for the ROME/MEMIT/AlphaEdit key statistics and 9000–9999 for the capability probe — in an
+order drawn with seed 0. The first 100 of that order are the tuning split (hyper-parameter choices only); the rest
+is the report pool, from which every reported run draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+# --- dft_peft: its public API, and the internals the benchmarks use (imported here only) -------------------------
+from dft_peft import (  # noqa: F401 (re-exported)
+    DFTConfig,
+    EditArguments,
+    EditReport,
+    EditRequest,
+    edit,
+    evaluate,
+    load_requests,
+    locality_reference,
+)
+from dft_peft.editing.old_answers import generate_old_answers  # noqa: F401 (re-exported)
+from dft_peft.editing.training import EpochBatches, ModelLoss, train  # noqa: F401 (re-exported)
+from dft_peft.evaluation.metrics import encode_pairs, module_mode, target_token_accuracy  # noqa: F401 (re-exported)
+from dft_peft.models import load_model  # noqa: F401 (re-exported)
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATASETS = {"zsre": "zsre_mend-800.json", "counterfact": "counterfact-edit-10k.json"}
+PROMPT_KEYS = {"zsre": "src", "counterfact": "prompt"}  # each format's raw key of `EditRequest.prompt`
+SPLIT_SEED = 0
+TUNING_SIZE = 100
+COUNTERFACT_ELIGIBLE = range(0, 6000)  # file positions CounterFact edits may come from
+PROBE_POSITIONS = range(9000, 9200)  # CounterFact file positions of the capability probe's texts
+QUICK_PROBE_POSITIONS = range(9000, 9010)
+
+
+def file_positions(path: Path, fmt: str, requests: list[EditRequest]) -> list[int]:
+    """The file position of each of `requests`, the valid records of `path` in file order (`load_requests` drops
+    invalid ones, so positions are found by walking the raw records alongside, matching the prompt)."""
+    records = json.loads(path.read_text(encoding="utf-8-sig"))
+    key = PROMPT_KEYS[fmt]
+    positions, position = [], 0
+    for request in requests:
+        while position < len(records) and str(records[position].get(key, "")).strip() != request.prompt:
+            position += 1
+        if position == len(records):
+            raise ValueError(f"{path}: request {request.prompt!r} matches no record in file order")
+        positions.append(position)
+        position += 1
+    return positions
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """A data file's tuning split and report pool (see the module docstring)."""
+
+    path: Path
+    format: str
+    tuning: list[EditRequest]
+    report: list[EditRequest]
+
+    @classmethod
+    def of(cls, path: Path, fmt: str) -> Splits:
+        requests = load_requests(path, format=fmt, skip_invalid=True)
+        if fmt == "counterfact":
+            positions = file_positions(path, fmt, requests)
+            requests = [r for r, p in zip(requests, positions) if p in COUNTERFACT_ELIGIBLE]
+        order = torch.randperm(len(requests), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+        shuffled = [requests[i] for i in order]
+        if len(shuffled) <= TUNING_SIZE:
+            raise ValueError(f"{path}: {len(shuffled)} eligible requests leave nothing after the tuning split")
+        return cls(path, fmt, shuffled[:TUNING_SIZE], shuffled[TUNING_SIZE:])
+
+    def seed_slice(self, seed: int, n: int) -> list[EditRequest]:
+        """Seed `seed`'s `n` requests: report pool[seed·n : (seed+1)·n], disjoint across seeds."""
+        if (seed + 1) * n > len(self.report):
+            raise ValueError(f"{self.path}: the report pool holds {len(self.report)} requests, fewer than the "
+                             f"{(seed + 1) * n} that seed {seed} of {n} edits per seed needs; lower --n-edits or "
+                             "--seeds")
+        return self.report[seed * n : (seed + 1) * n]
+
+
+def for_protocol(requests: list[EditRequest], protocol: str) -> list[EditRequest]:
+    """The requests as a protocol's editors get them: `"paper"` keeps the data's old answers (what the original
+    model was fine-tuned on); `"base"` drops them, so that DFT generates the model's own."""
+    if protocol == "paper":
+        return requests
+    return [dataclasses.replace(r, target_old=None) for r in requests]
+
+
+def probe_texts(path: Path, positions: range = PROBE_POSITIONS) -> list[str]:
+    """The capability probe's neutral texts: for CounterFact records at `positions` of `path` (never edited),
+    `prompt + " " + ground_truth` and `locality_prompt + " " + locality_ground_truth`, read from the raw fields."""
+    records = json.loads(path.read_text(encoding="utf-8-sig"))
+    if positions.stop > len(records):
+        raise ValueError(f"{path} has {len(records)} records; the capability probe reads positions "
+                         f"{positions.start}–{positions.stop - 1} of the CounterFact file")
+    texts = []
+    for position in positions:
+        record = records[position]
+        texts += [f"{record['prompt'].strip()} {record['ground_truth'].strip()}",
+                  f"{record['locality_prompt'].strip()} {record['locality_ground_truth'].strip()}"]
+    return texts
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
