@@ -86,13 +86,14 @@ class Splits:
             raise ValueError(f"{path}: {len(shuffled)} eligible requests leave nothing after the tuning split")
         return cls(path, fmt, shuffled[:TUNING_SIZE], shuffled[TUNING_SIZE:])
 
-    def seed_slice(self, seed: int, n: int) -> list[EditRequest]:
-        """Seed `seed`'s `n` requests: report pool[seed·n : (seed+1)·n], disjoint across seeds."""
-        if (seed + 1) * n > len(self.report):
-            raise ValueError(f"{self.path}: the report pool holds {len(self.report)} requests, fewer than the "
-                             f"{(seed + 1) * n} that seed {seed} of {n} edits per seed needs; lower --n-edits or "
-                             "--seeds")
-        return self.report[seed * n : (seed + 1) * n]
+    def draw(self, split: str, seed: int, n: int) -> list[EditRequest]:
+        """Seed `seed`'s `n` requests of `split` ("report" or "tuning"): split[seed·n : (seed+1)·n], disjoint
+        across seeds."""
+        pool = self.tuning if split == "tuning" else self.report
+        if (seed + 1) * n > len(pool):
+            raise ValueError(f"{self.path}: the {split} split holds {len(pool)} requests, fewer than the "
+                             f"{(seed + 1) * n} that seed {seed} of {n} requests per seed needs")
+        return pool[seed * n : (seed + 1) * n]
 
 
 def for_protocol(requests: list[EditRequest], protocol: str) -> list[EditRequest]:
@@ -116,6 +117,12 @@ def probe_texts(path: Path, positions: range = PROBE_POSITIONS) -> list[str]:
         texts += [f"{record['prompt'].strip()} {record['ground_truth'].strip()}",
                   f"{record['locality_prompt'].strip()} {record['locality_ground_truth'].strip()}"]
     return texts
+
+
+def probe_description(positions: range) -> str:
+    """What `probe_texts(path, positions)` reads, for the results files."""
+    return (f"CounterFact records at file positions {positions.start}–{positions.stop - 1} (never edited): "
+            f"prompt + ground_truth and locality_prompt + locality_ground_truth, {2 * len(positions)} texts")
 
 
 def peak_rss_mib() -> float:

@@ -247,7 +247,7 @@ def optimise_value(model: nn.Module, tokenizer: PreTrainedTokenizerBase, layer: 
                     # at the bare prompt's subject position.
                     kl_before = kl_log_probs.detach()
                     h_norm = hidden.value[0, batch.positions[0]].norm()
-                nll_value = float(nll)
+                nll_value = nll.item()
                 if nll_value < settings.stop_nll or steps == settings.steps:
                     break
                 kl = torch.nn.functional.kl_div(kl_log_probs, kl_before, log_target=True, reduction="sum")
