@@ -37,6 +37,7 @@ from harness import (
     probe_texts,
 )
 from reporting import (
+    METRICS,
     differences,
     method_notes,
     metric_table,
@@ -124,7 +125,7 @@ def write_outputs(out: Path, results: dict) -> None:
               for m, r in results["methods"].items()]
     if results["differences"]:
         lines += ["", "## Paired differences against Full-FT (same requests)", "",
-                  *metric_table(results["differences"]), "", "Verdicts:", "", *verdict_lines(results["differences"])]
+                  *metric_table(results["differences"], columns=METRICS), "", "Verdicts:", "", *verdict_lines(results["differences"])]
     lines += ["", "## Hyper-parameters", "", "```json", json.dumps(config["hyperparameters"], indent=1), "```"]
     if config.get("notes"):
         lines += ["", "## Findings", "", config["notes"]]

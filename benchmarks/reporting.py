@@ -60,9 +60,9 @@ def verdict_lines(diffs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> lis
     return lines
 
 
-def metric_table(rows: Mapping[str, Mapping[str, Mapping[str, float]]], first: str = "Method") -> list[str]:
-    """A markdown table of `mean [lo, hi]` per row and metric (with the perplexity change)."""
-    columns = (*METRICS, "perplexity_change")
+def metric_table(rows: Mapping[str, Mapping[str, Mapping[str, float]]], first: str = "Method",
+                 columns: Sequence[str] = (*METRICS, "perplexity_change")) -> list[str]:
+    """A markdown table of `mean [lo, hi]` per row and metric."""
     lines = [f"| {first} | " + " | ".join(LABELS[c] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row, stats in rows.items():
         lines.append(f"| {row} | " + " | ".join(interval(stats[c], digits_of(c)) for c in columns) + " |")

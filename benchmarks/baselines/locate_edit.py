@@ -217,7 +217,7 @@ def optimise_value(model: nn.Module, tokenizer: PreTrainedTokenizerBase, layer: 
     # Row r's target tokens ids[a:b] are predicted at positions a-1 .. b-2.
     rows = torch.cat([torch.full((b - a,), r) for r, (a, b) in enumerate(spans)])
     predict_at = torch.cat([torch.arange(a - 1, b - 1) for a, b in spans])
-    targets = batch.input_ids[rows, predict_at]
+    targets = batch.input_ids[rows, predict_at + 1]
 
     # The logits are needed at the target positions and the KL prompt's last position only.
     read_rows = torch.cat([rows, torch.tensor([len(sequences) - 1])])

@@ -12,9 +12,7 @@ from torch import nn
 
 from ..format.checkpoint import CheckpointReader
 from ..format.edit_file import PEFT_PREFIX, WEIGHTS_NAME
-from ..kernels.select_core_torch import Terms
-from ..selection import select_core
-from ..selection.lazy import LazyDeltas, flat_range
+from ..selection import LazyDeltas, Terms, flat_range, select_core
 from ..tuner.config import DFTConfig
 from ..tuner.layer import DFTLayer
 from ..tuner.model import DFTModel

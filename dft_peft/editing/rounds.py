@@ -16,9 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..evaluation.metrics import module_mode, target_token_accuracy
 from ..evaluation.requests import EditRequest, as_requests
-from ..kernels.select_core_torch import chunk_keys, iter_chunk_pairs
-from ..selection import select_core
-from ..selection.sharded import Shard, gather_core, sum_over_ranks
+from ..selection import ShardedDeltas, gather_core, opposite_sign_fraction, select_core
 from ..tuner.config import DFTConfig
 from ..tuner.layer import Embedding
 from ..tuner.model import DFTModel
@@ -26,22 +24,8 @@ from .adapter import adapter_to_edit
 from .arguments import EditArguments
 from .old_answers import generate_old_answers
 from .report import EditReport, RoundReport
-from .sources import DELTA_SOURCES, CoreValues, ShardedDeltas
+from .sources import DELTA_SOURCES, CoreValues
 from .training import EpochBatches, check_engine, train
-
-
-def opposite_sign_fraction(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> float:
-    """Fraction of the targeted parameters that are selection candidates (Δnew and Δold of opposite signs); over
-    all ranks for `ShardedDeltas`."""
-    candidates = total = 0
-    for name in new:
-        pair = (new[name], old[name])
-        for _, new_chunk, old_chunk in iter_chunk_pairs(*(t.tensor if isinstance(t, Shard) else t for t in pair)):
-            candidates += int((chunk_keys(new_chunk, old_chunk)[0] > 0).sum())
-            total += new_chunk.numel()
-    if isinstance(new, ShardedDeltas):
-        candidates, total = sum_over_ranks([candidates, total], new.process_group)
-    return candidates / max(total, 1)
 
 
 def locate_core(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor], config: DFTConfig

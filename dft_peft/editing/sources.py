@@ -22,8 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..format.edit_file import PEFT_PREFIX
-from ..selection.lazy import LazyDeltas, flat_range
-from ..selection.sharded import Shard
+from ..selection import LazyDeltas, Shard, ShardedDeltas, flat_range
 from ..tuner.layer import DFTLayer
 from .arguments import EditArguments
 
@@ -101,16 +100,6 @@ class DenseDeltas(FineTune):
                 shards[name] = Shard(local, first_row * math.prod(local.shape[1:]))
             group = self.trained[0].device_mesh.get_group()
             return ShardedDeltas(shards, group, {name: self.layers[name].base_shape for name in self.names})
-
-
-class ShardedDeltas(dict):
-    """This rank's rows of each module's delta (`Shard`s) after an FSDP2 fine-tune; the core is selected across
-    `process_group` (`select_core(..., process_group=, numels=shapes)`), no rank holding a whole delta."""
-
-    def __init__(self, shards: dict[str, Shard], process_group: Any, shapes: dict[str, tuple[int, ...]]) -> None:
-        super().__init__(shards)
-        self.process_group = process_group
-        self.shapes = shapes
 
 
 def row_shard(name: str, param: Any) -> tuple[torch.Tensor, int]:

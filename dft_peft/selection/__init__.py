@@ -8,8 +8,33 @@ from typing import Any
 import torch
 
 from ..format.sparse import SparseDelta
-from ..kernels.select_core_torch import select_core_torch
+from ..kernels.select_core_torch import (
+    SELECTIONS,
+    Terms,
+    chunk_keys,
+    core_size,
+    iter_chunk_pairs,
+    select_core_naive,
+    select_core_torch,
+)
 from ..tuner.merge import HAS_TRITON
+from .lazy import LazyDeltas, flat_range
+from .sharded import Shard, ShardedDeltas, gather_core, sum_over_ranks
+
+__all__ = [
+    "SELECTIONS",
+    "LazyDeltas",
+    "Shard",
+    "ShardedDeltas",
+    "Terms",
+    "core_size",
+    "flat_range",
+    "gather_core",
+    "opposite_sign_fraction",
+    "select_core",
+    "select_core_naive",
+    "sum_over_ranks",
+]
 
 
 def _on_cuda(deltas: Mapping[str, torch.Tensor]) -> bool:
@@ -59,3 +84,17 @@ def select_core(
 
         return select_core_triton(new_deltas, old_deltas, top_t, selection, scale=scale)
     return select_core_torch(new_deltas, old_deltas, top_t, selection, scale=scale)
+
+
+def opposite_sign_fraction(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> float:
+    """Fraction of the targeted parameters that are selection candidates (Δnew and Δold of opposite signs); over
+    all ranks for `ShardedDeltas`."""
+    candidates = total = 0
+    for name in new:
+        pair = (new[name], old[name])
+        for _, new_chunk, old_chunk in iter_chunk_pairs(*(t.tensor if isinstance(t, Shard) else t for t in pair)):
+            candidates += int((chunk_keys(new_chunk, old_chunk)[0] > 0).sum())
+            total += new_chunk.numel()
+    if isinstance(new, ShardedDeltas):
+        candidates, total = sum_over_ranks([candidates, total], new.process_group)
+    return candidates / max(total, 1)

@@ -23,6 +23,7 @@ import operator
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -371,3 +372,13 @@ def gather_core(
         whole[name] = SparseDelta(torch.cat([i for i, _ in found]).to(index_dtype(numel)),
                                   torch.cat([v for _, v in found]), shapes[name])
     return whole
+
+
+class ShardedDeltas(dict):
+    """This rank's rows of each module's delta (`Shard`s) after an FSDP2 fine-tune; the core is selected across
+    `process_group` (`select_core(..., process_group=, numels=shapes)`), no rank holding a whole delta."""
+
+    def __init__(self, shards: dict[str, Shard], process_group: Any, shapes: dict[str, tuple[int, ...]]) -> None:
+        super().__init__(shards)
+        self.process_group = process_group
+        self.shapes = shapes

@@ -10,7 +10,7 @@ import torch
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..kernels.select_core_torch import SELECTIONS
+from ..selection import SELECTIONS
 
 VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
