@@ -13,7 +13,10 @@ from tiny_models import TOY_FACTS, tiny_llama, tiny_tokenizer
 
 import dft_peft.models
 from dft_peft import EditArguments
-from dft_peft.cli import build_parser, dft_config, edit_arguments, main, module_kind
+from dft_peft.cli import build_parser, main
+from dft_peft.cli.common import dft_config
+from dft_peft.cli.edit import edit_arguments
+from dft_peft.evaluation.analysis import module_kind
 
 EDIT_FLAGS = ["--max-rounds", "1", "--epochs", "1", "--batch-size", "3", "--learning-rate", "1e-2", "--top-t", "0.1"]
 
@@ -124,11 +127,11 @@ def test_flags_follow_the_dataclasses():
     parser = build_parser()
     ns = parser.parse_args(["edit", "--data", "f.json", "--output-dir", "out"])
     assert edit_arguments(ns) == EditArguments() and dft_config(ns).top_t == 0.05
-    ns = parser.parse_args(["edit", "--data", "f.json", "--output-dir", "out", "--seed", "5", "--edit-seed", "3",
+    ns = parser.parse_args(["edit", "--data", "f.json", "--output-dir", "out", "--sample-seed", "5", "--seed", "3",
                             "--strategy", "locate_once", "--reuse-old-delta", "--old-epochs", "2",
                             "--target-modules", "q_proj", "v_proj", "--layers-to-transform", "0", "1"])
     args, config = edit_arguments(ns), dft_config(ns)
-    assert ns.seed == 5 and args.seed == 3 and args.strategy == "locate_once" and args.reuse_old_delta
+    assert ns.sample_seed == 5 and args.seed == 3 and args.strategy == "locate_once" and args.reuse_old_delta
     assert args.old_epochs == 2 and config.target_modules == {"q_proj", "v_proj"}
     assert config.layers_to_transform == [0, 1]
     ns = parser.parse_args(["edit", "--data", "f.json", "--output-dir", "out", "--target-modules", "all-linear"])

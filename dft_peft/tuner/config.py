@@ -10,7 +10,7 @@ import torch
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..selection import SELECTIONS
+from ..checks import check_fields, check_value
 
 VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,8 +40,9 @@ class DFTConfig(PeftConfig):
             for. Set to False only to apply an edit to a model you know is compatible (e.g. re-quantized).
     """
 
-    top_t: float = field(default=0.05, metadata={"help": "Fraction of targeted parameters in the core, in (0, 1]."})
-    lam: float = field(default=1.0, metadata={"help": "λ: step along Δnew on the core, > 0."})
+    top_t: float = field(default=0.05, metadata={
+        "check": "fraction", "help": "Fraction of targeted parameters in the core, in (0, 1]."})
+    lam: float = field(default=1.0, metadata={"check": "positive", "help": "λ: step along Δnew on the core, > 0."})
     selection: Literal["global", "per_module"] = field(
         default="global", metadata={"help": "'global': one threshold across modules; 'per_module': one per module."}
     )
@@ -71,14 +72,7 @@ class DFTConfig(PeftConfig):
         self._validate()
 
     def _validate(self) -> None:
-        if isinstance(self.top_t, bool) or not isinstance(self.top_t, (int, float)) or not 0.0 < self.top_t <= 1.0:
-            raise ValueError(f"DFTConfig.top_t must be a fraction in (0, 1], got {self.top_t!r}")
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0.0 < self.lam < float("inf"):
-            raise ValueError(f"DFTConfig.lam (λ) must be a finite number > 0, got {self.lam!r}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"DFTConfig.selection must be one of {SELECTIONS}, got {self.selection!r}")
-        if self.value_dtype not in VALUE_DTYPES:
-            raise ValueError(f"DFTConfig.value_dtype must be one of {tuple(VALUE_DTYPES)}, got {self.value_dtype!r}")
+        check_fields(self)
         if self.target_modules is not None and not isinstance(self.target_modules, (str, set)):
             raise ValueError(f"DFTConfig.target_modules must be a list of names or a regex string, got "
                              f"{type(self.target_modules).__name__}")
@@ -92,9 +86,8 @@ class DFTConfig(PeftConfig):
         if self.layers_to_transform is not None:
             layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) \
                 else self.layers_to_transform
-            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
-                raise ValueError(f"DFTConfig.layers_to_transform must hold layer indices >= 0, got "
-                                 f"{self.layers_to_transform!r}")
+            for index in layers:
+                check_value("DFTConfig", "layers_to_transform", index, "non_negative_int")
 
     @property
     def torch_value_dtype(self) -> torch.dtype:
