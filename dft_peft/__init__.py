@@ -4,13 +4,16 @@
 `PeftConfig.from_pretrained`, `PeftModel.from_pretrained` and `AutoPeftModelForCausalLM.from_pretrained` resolve it.
 """
 
+from .editing.arguments import EditArguments
 from .editing.build import build_edit
-from .editing.rounds import EditArguments, EditReport, edit
+from .editing.old_answers import generate_old_answers
+from .editing.report import EditReport, RoundReport
+from .editing.rounds import edit
+from .evaluation.analysis import inspect_edit
 from .evaluation.metrics import EditMetrics, evaluate, locality_reference
 from .evaluation.requests import EditRequest, load_requests
 from .format.sparse import SparseDelta
-from .selection import select_core
-from .selection.sharded import Shard, gather_core
+from .selection import Shard, gather_core, select_core
 from .tuner.config import DFTConfig
 from .tuner.layer import DFTLayer
 from .tuner.model import DFTModel
@@ -26,12 +29,15 @@ __all__ = [
     "EditMetrics",
     "EditReport",
     "EditRequest",
+    "RoundReport",
     "Shard",
     "SparseDelta",
     "build_edit",
     "edit",
     "evaluate",
     "gather_core",
+    "generate_old_answers",
+    "inspect_edit",
     "load_requests",
     "locality_reference",
     "select_core",

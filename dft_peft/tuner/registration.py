@@ -8,8 +8,15 @@ and tuner classes. Both steps are idempotent, so importing `dft_peft` twice (or 
 
 from __future__ import annotations
 
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
-from peft.utils import PeftType, register_peft_method
+import importlib.metadata
+
+try:
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import PeftType, register_peft_method
+except ImportError as err:  # the registration API moved: say which release, not just which name
+    raise ImportError(f"dft-peft registers DFT through PEFT's method registry, which peft "
+                      f"{importlib.metadata.version('peft')} does not have ({err}); install a tested release: "
+                      "pip install 'peft>=0.18,<0.22'") from err
 
 DFT_NAME = "DFT"
 
