@@ -27,7 +27,8 @@ from .common import (
 @dataclasses.dataclass
 class EvalArguments:
     edit: str | None = dataclasses.field(default=None, metadata={"help": "A saved edit to apply to the model."})
-    metrics: str | None = dataclasses.field(default=None, metadata={"help": "Write the metrics (in percent) to this JSON file."})
+    metrics: str | None = dataclasses.field(default=None, metadata={
+        "help": "Write the metrics (in percent) to this JSON file."})
 
 
 BATCH_ARGUMENTS = cli_dataclass(EditArguments, ["eval_batch_size"])

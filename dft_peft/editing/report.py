@@ -24,12 +24,29 @@ class RoundReport:
 
 
 @dataclass
+class Retention:
+    """How many earlier edits (the `retain` requests of `edit`) hold before and after this edit: a request holds
+    when the model predicts every token of its new answer (teacher-forced), and `reliability` is the mean token
+    accuracy over them."""
+
+    requests: int
+    held_before: int
+    held_after: int
+    reliability_before: float
+    reliability_after: float
+
+
+@dataclass
 class EditReport:
+    """What `edit` did: the reliability before it, its rounds, the old answers it located, its seconds (the
+    `on_round` callback's excluded) and, when earlier edits were passed as `retain`, how many still hold."""
+
     initial_reliability: float
     rounds: list[RoundReport] = field(default_factory=list)
     old_answers: list[str] = field(default_factory=list)
     seconds: float = 0.0
     callback_seconds: float = 0.0
+    retention: Retention | None = None
 
     @property
     def reliability(self) -> float:

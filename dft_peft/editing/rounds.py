@@ -23,7 +23,7 @@ from ..tuner.model import DFTModel
 from .adapter import adapter_to_edit
 from .arguments import EditArguments
 from .old_answers import generate_old_answers
-from .report import EditReport, RoundReport
+from .report import EditReport, Retention, RoundReport
 from .sources import DELTA_SOURCES, CoreValues
 from .training import EpochBatches, check_engine, train
 
@@ -49,6 +49,7 @@ def edit(
     progress: bool = True,
     on_round: Callable[[PeftModel, RoundReport], None] | None = None,
     accelerator: Any = None,
+    retain: Sequence[EditRequest | Mapping[str, Any]] | None = None,
 ) -> tuple[PeftModel, EditReport]:
     """Edit `model` so that it answers `requests` with their new targets, changing only a sparse core.
 
@@ -73,16 +74,24 @@ def edit(
             model is moved to its device. Default: a new one when the process was started by `accelerate
             launch`/`torchrun` with several processes or with an FSDP/DeepSpeed config, else none. Every rank ends
             with the same edit; save it on the main process only.
+        retain: Earlier edits (requests of previous `edit` calls on this adapter): the report then says how many
+            of them held before and still hold after this edit (`EditReport.retention`). Whatever is passed, the
+            values of earlier edits are not trained further: later rounds train only this call's new core entries.
 
     Returns:
         The edited `PeftModel` (adapter unmerged) and an `EditReport`. On any error the model is left as it was.
     """
     start = time.perf_counter()
     requests = as_requests(requests, "edit")
+    retained = as_requests(retain, "edit(retain=...)") if retain else []
     args = args or EditArguments()
     with adapter_to_edit(model, config, adapter_name, "edit") as peft_model:
+        before = _holding(peft_model, tokenizer, retained, args)
         report = _run(peft_model, tokenizer, requests, args, adapter_name, progress, on_round,
                       accelerator if accelerator is not None else _launched_accelerator())
+        if retained:
+            after = _holding(peft_model, tokenizer, retained, args)
+            report.retention = Retention(len(retained), before[0], after[0], before[1], after[1])
     report.seconds = time.perf_counter() - start - report.callback_seconds
     return peft_model, report
 
@@ -103,6 +112,8 @@ def _run(
     tuner: DFTModel = peft_model.base_model
     config: DFTConfig = peft_model.peft_config[adapter_name]
     layers = tuner._layers_with(adapter_name)
+    earlier = {name: layer.dft_indices[adapter_name].clone() for name, layer in layers.items()
+               if layer.dft_indices[adapter_name].numel()}  # the entries of earlier edits stay as they are
     previous_adapters = list(tuner.active_adapters)
     peft_model.base_model.set_adapter(adapter_name)
     bar = None
@@ -147,6 +158,7 @@ def _run(
             if args.strategy == "locate_once" and round_index > 1:
                 bar.set_description(f"DFT round {round_index}: core values")
                 values = CoreValues.create(peft_model, layers, args, gen, adapter_name)
+                values.freeze(earlier)
                 with module_mode(peft_model, training=True):
                     loss_new = train(values, EpochBatches(tokenizer, prompts, new_answers, args.batch_size, gen),
                                      args.core_epochs, args.core_learning_rate, args.optimizer, bar,
@@ -222,6 +234,16 @@ def _fine_tune(
     batches = EpochBatches(tokenizer, prompts, answers, args.batch_size, gen)
     loss = train(source, batches, epochs, args.learning_rate, args.optimizer, bar, accelerator=accelerator)
     return source.result(), loss
+
+
+def _holding(model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest],
+             args: EditArguments) -> tuple[int, float]:
+    """(requests whose every new-answer token is predicted, mean token accuracy) of the model as it is."""
+    if not requests:
+        return 0, 0.0
+    accuracies = target_token_accuracy(model, tokenizer, [r.prompt for r in requests],
+                                       [r.target_new for r in requests], args.eval_batch_size).accuracies
+    return sum(a == 1.0 for a in accuracies), sum(accuracies) / len(accuracies)
 
 
 def _launched_accelerator() -> Any:

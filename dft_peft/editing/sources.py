@@ -179,8 +179,12 @@ class LoRADeltas(FineTune):
 
 class CoreValues(FineTune):
     """Training a located core's values (later rounds of `strategy="locate_once"`): a float32 copy of each layer's
-    values stands in for them, so wrapping (DDP, FSDP) touches only the values, never the model's weights;
-    `write_back` stores the trained values in the adapter."""
+    values stands in for them, so wrapping (DDP, FSDP) touches only the values, never the model's weights; `result`
+    stores the trained values in the adapter.
+
+    `freeze(indices)` keeps the entries at those indices as they are (the edits of earlier `edit` calls): the
+    forward uses their stored values and their gradient is zero, so training on new facts never moves old edits.
+    """
 
     def __init__(self, model: nn.Module, layers: Mapping[str, DFTLayer], adapter_name: str,
                  param_prefix: str) -> None:
@@ -191,20 +195,33 @@ class CoreValues(FineTune):
             [nn.Parameter(self.layers[n].dft_values[adapter_name].detach().to(torch.float32, copy=True))
              for n in self.names]
         )
-
-    def overrides(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self.param_names, self.trained))
+        self.frozen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name → (mask of frozen entries, values)
 
     @classmethod
     def create(cls, model: nn.Module, layers: Mapping[str, DFTLayer], args: EditArguments,
                generator: torch.Generator, adapter_name: str) -> CoreValues:
         return cls(model, layers, adapter_name, PEFT_PREFIX)
 
+    def freeze(self, indices: Mapping[str, torch.Tensor]) -> None:
+        """Keep the entries at `indices` (module name → flat indices) at their current values."""
+        for name, t in zip(self.names, self.trained):
+            if name in indices and indices[name].numel():
+                current = self.layers[name].dft_indices[self.adapter_name]
+                mask = torch.isin(current, indices[name].to(current.device))  # (nnz,) entries of earlier edits
+                self.frozen[name] = mask, t.detach().clone()
+
+    def overrides(self) -> dict[str, torch.Tensor]:
+        return {key: torch.where(*self.frozen[name], t) if name in self.frozen else t
+                for key, name, t in zip(self.param_names, self.names, self.trained)}
+
     def result(self) -> None:
-        """Store the trained values in the adapter."""
+        """Store the trained values in the adapter (frozen entries as they were)."""
         with torch.no_grad():
             for name, t in zip(self.names, self.trained):
-                self.layers[name].dft_values[self.adapter_name].copy_(whole(t))
+                values = whole(t)
+                if name in self.frozen:
+                    values = torch.where(*self.frozen[name], values)
+                self.layers[name].dft_values[self.adapter_name].copy_(values)
 
 
 # delta_source → how the fine-tunes of a locate round read Δ
