@@ -251,3 +251,16 @@ def test_subject_must_occur_in_the_prompt():
     assert EditRequest("Tomas Ekdal speaks", "Basque", subject="Tomas Ekdal").subject == "Tomas Ekdal"
     with pytest.raises(ValueError, match="subject 'Greta Lind' does not occur in the prompt"):
         EditRequest("Tomas Ekdal speaks", "Basque", subject="Greta Lind")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"[" * 100_000 + b"]" * 100_000, "invalid JSON"),
+    (b"\xff\xfe\x00[", "not UTF-8 text"),
+    (b'{"prompt": "a?", "target_new": "b"}\n' + b"[" * 100_000, r"line 2: invalid JSON Lines record"),
+])
+def test_unreadable_files_raise_value_errors_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as caught:
+        load_requests(path)
+    assert str(path) in str(caught.value)

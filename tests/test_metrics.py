@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from tiny_models import tiny_llama
+from tiny_models import tiny_llama, tiny_tokenizer
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch import nn
 from transformers import PreTrainedTokenizerFast
@@ -270,3 +270,10 @@ def test_prompt_not_a_token_prefix_falls_back_to_easyedit_count(tokenizer):
     with pytest.warns(UserWarning, match="For 1 of 1 pairs the prompt's tokens are not a prefix"):
         result = target_token_accuracy(model, tokenizer, ["the cat sat"], ["on the mat"])
     assert result.predictions == [ids("[UNK] mat")] and result.accuracies == [0.5]
+
+
+def test_pairs_longer_than_the_model_are_refused_by_name():
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    prompt = " ".join(["the"] * (model.config.max_position_embeddings + 1))
+    with pytest.raises(ValueError, match="more than the model's 64 positions"):
+        target_token_accuracy(model, tokenizer, [prompt], ["rome"])

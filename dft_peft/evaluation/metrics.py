@@ -125,6 +125,18 @@ def encode_pairs(
     return encoded
 
 
+def check_lengths(model: nn.Module, encoded: list[tuple[list[int], int]], prompts: Sequence[str]) -> None:
+    """Refuse pairs longer than the model's positions (`config.max_position_embeddings`), naming the prompt: a
+    model would fail on them with an index error deep in its embedding."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    for (ids, _), prompt in zip(encoded, prompts):
+        if len(ids) > limit:
+            raise ValueError(f"the prompt {prompt[:60]!r}… with its answer is {len(ids)} tokens long, more than the "
+                             f"model's {limit} positions")
+
+
 def _argmax_at_targets(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, encoded: list[tuple[list[int], int]], batch_size: int
 ) -> list[list[int]]:
@@ -178,6 +190,7 @@ def target_token_accuracy(
     encoded = encode_pairs(tokenizer, prompts, targets)
     if not encoded:
         return TokenAccuracy([], [])
+    check_lengths(model, encoded, prompts)
     with module_mode(model, training=False), torch.no_grad():
         predictions = _argmax_at_targets(model, tokenizer, encoded, batch_size)
     accuracies = [

@@ -164,20 +164,23 @@ def _read_records(path: Path) -> list[Any]:
     null; Arrow rejects a field mixing types with a message naming no record; and it copies each file into its cache.
     Edit sets are at most a few thousand short records, so nothing is lost by parsing them in memory.
     """
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
     if not text.strip():
         raise ValueError(f"{path}: the file is empty")
     if text.lstrip().startswith("["):
         try:
             return json.loads(text)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             raise ValueError(f"{path}: invalid JSON: {err}") from None
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError as err:
+            except (json.JSONDecodeError, RecursionError) as err:
                 raise ValueError(f"{path}, line {number}: invalid JSON Lines record: {err}") from None
     return records
 
