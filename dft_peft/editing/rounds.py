@@ -21,6 +21,7 @@ from ..tuner.config import DFTConfig
 from ..tuner.layer import Embedding
 from ..tuner.model import DFTModel
 from .adapter import adapter_to_edit
+from .anchor import OutputAnchor
 from .arguments import EditArguments
 from .old_answers import generate_old_answers
 from .report import EditReport, Retention, RoundReport
@@ -138,6 +139,8 @@ def _run(
                 raise ValueError(f"the model generated no answer to {prompts[i]!r}; give its target_old explicitly")
             old_answers[i] = answer
         report.old_answers = old_answers
+        anchor = (OutputAnchor(peft_model, tokenizer, args.preserve_texts, args.preserve_length, args.seed)
+                  if args.preserve_weight > 0 else None)
 
         gen = torch.Generator().manual_seed(args.seed)
         old_epochs = args.old_epochs or args.epochs
@@ -159,6 +162,8 @@ def _run(
                 bar.set_description(f"DFT round {round_index}: core values")
                 values = CoreValues.create(peft_model, layers, args, gen, adapter_name)
                 values.freeze(earlier)
+                if anchor is not None:
+                    values.hold(anchor, args.preserve_weight)
                 with module_mode(peft_model, training=True):
                     loss_new = train(values, EpochBatches(tokenizer, prompts, new_answers, args.batch_size, gen),
                                      args.core_epochs, args.core_learning_rate, args.optimizer, bar,

@@ -24,6 +24,7 @@ from torch.func import functional_call
 from ..format.edit_file import PEFT_PREFIX
 from ..selection import LazyDeltas, Shard, ShardedDeltas, flat_range
 from ..tuner.layer import DFTLayer
+from .anchor import OutputAnchor
 from .arguments import EditArguments
 
 try:
@@ -196,6 +197,8 @@ class CoreValues(FineTune):
              for n in self.names]
         )
         self.frozen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name → (mask of frozen entries, values)
+        self.anchor: OutputAnchor | None = None
+        self.anchor_weight = 0.0
 
     @classmethod
     def create(cls, model: nn.Module, layers: Mapping[str, DFTLayer], args: EditArguments,
@@ -210,9 +213,22 @@ class CoreValues(FineTune):
                 mask = torch.isin(current, indices[name].to(current.device))  # (nnz,) entries of earlier edits
                 self.frozen[name] = mask, t.detach().clone()
 
+    def hold(self, anchor: OutputAnchor, weight: float) -> None:
+        """Add `weight` · the anchor's KL to every step's loss."""
+        self.anchor, self.anchor_weight = anchor, weight
+
     def overrides(self) -> dict[str, torch.Tensor]:
         return {key: torch.where(*self.frozen[name], t) if name in self.frozen else t
                 for key, name, t in zip(self.param_names, self.names, self.trained)}
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        overrides = self.overrides()
+        loss = functional_call(self.model, overrides, args=(), kwargs=batch, strict=False).loss
+        if self.anchor is None:
+            return loss
+        ids = self.anchor.input_ids.to(batch["input_ids"].device)
+        logits = functional_call(self.model, overrides, args=(), kwargs={"input_ids": ids}, strict=False).logits
+        return loss + self.anchor_weight * self.anchor.kl(logits)
 
     def result(self) -> None:
         """Store the trained values in the adapter (frozen entries as they were)."""

@@ -1,0 +1,53 @@
+"""The output anchor: KL to the model's own outputs on text it sampled, held while a core's values train."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import TOY_FACTS, tiny_llama, tiny_tokenizer
+
+import dft_peft
+from dft_peft import EditArguments, edit
+from dft_peft.editing.anchor import OutputAnchor
+
+TARGETS = ["q_proj", "up_proj", "down_proj"]
+
+
+def tokenizer_with_bos():
+    tokenizer = tiny_tokenizer()
+    tokenizer.bos_token = "[UNK]"
+    return tokenizer
+
+
+def test_anchor_is_near_zero_for_its_own_model_and_grows_with_change():
+    model, tokenizer = tiny_llama(), tokenizer_with_bos()
+    anchor = OutputAnchor(model, tokenizer, count=4, length=8, seed=0)
+    assert anchor.input_ids.shape == (4, 9) and anchor.log_probs.shape == (4, 8, 96)
+    with torch.no_grad():
+        same = float(anchor.kl(model(input_ids=anchor.input_ids).logits))
+        model.lm_head.weight.mul_(3.0)
+        moved = float(anchor.kl(model(input_ids=anchor.input_ids).logits))
+    assert 0 <= same < 1e-2 < moved  # bfloat16 storage leaves a rounding-sized KL for the model itself
+
+
+def anchor_kl_after(weight: float) -> float:
+    tokenizer = tokenizer_with_bos()
+    args = EditArguments(max_rounds=3, epochs=2, learning_rate=0.2, optimizer="sgd", batch_size=2, core_epochs=3,
+                         core_learning_rate=1.0, seed=1, preserve_weight=weight, target_reliability=1.0)
+    base = tiny_llama()
+    anchor = OutputAnchor(base, tokenizer, args.preserve_texts, args.preserve_length, args.seed)
+    edited, report = edit(base, tokenizer, TOY_FACTS, dft_peft.DFTConfig(top_t=0.2, target_modules=TARGETS), args,
+                          progress=False)
+    assert [r.kind for r in report.rounds].count("train_core") >= 1
+    with torch.no_grad():
+        return float(anchor.kl(edited(input_ids=anchor.input_ids).logits))
+
+
+def test_preserve_weight_holds_the_outputs_on_sampled_text():
+    assert anchor_kl_after(20.0) < anchor_kl_after(0.0)
+
+
+def test_a_tokenizer_without_start_tokens_is_refused():
+    tokenizer = tiny_tokenizer()
+    with pytest.raises(ValueError, match="neither a BOS nor an EOS token"):
+        OutputAnchor(tiny_llama(), tokenizer, 2, 4, 0)
