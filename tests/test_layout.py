@@ -24,3 +24,14 @@ def test_import_from_the_repository_root():
 def test_benchmark_script_runs_from_the_repository_root():
     done = run("benchmarks/file_size.py", "--help")
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    blocks = readme.split("```bash\n")[1:]
+    commands = [block.split("```")[0].strip() for block in blocks]
+    test_command = next(c for c in commands if c.endswith("pytest -q"))
+    demo_command = next(c for c in commands if c.endswith("dft-peft demo"))
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read().splitlines()
+    assert test_command in ci
+    assert test_command.startswith("pip install torch==2.13.0") and demo_command.startswith("pip install torch==2.13.0")

@@ -1,0 +1,83 @@
+"""Writes benchmarks/README.md from the committed results: each benchmark's markdown (which its script renders from
+its results JSON), the command that produced it and its plots, under one heading per benchmark.
+
+    python benchmarks/readme.py
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    results: str  # the JSON whose "command" produced the section, relative to results/
+    markdown: str  # the rendered tables, relative to results/
+    about: str
+
+
+SECTIONS = (
+    Section("Knowledge editing in one batch", "knowledge_update/results.json", "knowledge_update/results.md",
+            "DFT against fine-tuning, LoRA and the locate-then-edit editors on zsRE and CounterFact: teacher-forced "
+            "and generated-answer scores with 95% bootstrap intervals over requests and seeds, and each method's "
+            "paired difference against Full-FT on the same requests."),
+    Section("Sequential editing", "sequential/results.json", "sequential/results.md",
+            "Edits applied in successive calls to one model: after each call, the scores over every edit so far "
+            "(retention), locality and the capability probe."),
+    Section("Locate-then-edit baselines: single-edit sanity check", "baselines/sanity.json", "baselines/sanity.md",
+            "ROME, MEMIT and AlphaEdit, written here from their papers, each on single zsRE edits of the base "
+            "model before their figures are trusted in the tables above."),
+    Section("Edit file size", "file_size.json", "file_size.md",
+            "Bytes per edited parameter of the saved edit against the layouts of Super-Tuning and PEFT's SHiRA."),
+    Section("Kernels: core selection and scatter-merge on the CPU", "kernels.json", "kernels.md",
+            "Core selection as a fraction of a plain copy of the same bytes measured in the same run, against the "
+            "naive selection, and its memory beyond the core; scatter-merge against a LoRA merge of the same size."),
+    Section("build_edit at scale", "scale.json", "scale.md",
+            "The core of two 1B-parameter checkpoints read from disk, against a plain read of the same files."),
+    Section("build_edit at scale, top_t = 0.01", "scale_top_t_0.01/scale.json", "scale_top_t_0.01/scale.md", ""),
+)
+
+
+def section_text(section: Section) -> list[str]:
+    lines = [f"## {section.title}", ""]
+    if section.about:
+        lines += [section.about, ""]
+    markdown, results = RESULTS / section.markdown, RESULTS / section.results
+    if not markdown.exists() or not results.exists():
+        return [*lines, "Not run yet: no committed results.", ""]
+    command = json.loads(results.read_text()).get("command") or json.loads(results.read_text()).get(
+        "config", {}).get("command")
+    if command:
+        lines += ["```bash", command, "```", ""]
+    body = markdown.read_text().splitlines()
+    body = body[1:] if body and body[0].startswith("# ") else body  # the section heading replaces its title
+    body = [line for line in body if not line.startswith(("Command: `", "Produced by `"))]  # shown above
+    body = ["#" + line if line.startswith("## ") else line for line in body]
+    lines += [*body, ""]
+    folder = markdown.parent.relative_to(HERE)
+    lines += [f"![{png.stem}]({folder / png.name})" for png in sorted(markdown.parent.glob("*.png"))
+              if markdown.parent != RESULTS or png.stem == markdown.stem]
+    return [*lines, ""]
+
+
+def main() -> int:
+    lines = ["# Benchmarks", "",
+             "Every figure here was measured on this project's 2-core CPU machine by the command shown above it; "
+             "this file is written by `python benchmarks/readme.py` from the results in `results/`. No GPU was "
+             "lent to this project, so the Triton kernels are tested (under the interpreter) but not timed: "
+             "`benchmarks/kernel_speed_gpu.py` is ready for a machine that has one.", ""]
+    for section in SECTIONS:
+        lines += section_text(section)
+    (HERE / "README.md").write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {HERE / 'README.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
