@@ -11,6 +11,7 @@ import pytest
 import torch
 from tiny_models import TOY_FACTS, tiny_llama, tiny_tokenizer
 
+import dft_peft.cli.env
 import dft_peft.models
 from dft_peft import EditArguments
 from dft_peft.cli import build_parser, main
@@ -204,3 +205,22 @@ def test_demo_on_smollm2(tmp_path, capsys):
     changed, total = map(int, re.search(r"Answers changed: (\d+)/(\d+) facts", out).groups())
     assert total >= 5 and changed >= total / 2
     assert re.search(rf"{total}/{total} answers identical", out)
+
+
+def test_env_names_versions_gpu_and_the_c_loop(capsys, monkeypatch):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    for name in ("torch", "peft", "transformers", "accelerate", "triton"):
+        assert re.search(rf"^{name}: \S+", out, re.MULTILINE), name
+    assert "GPUs:" in out and re.search(r"^C selection loop: (built|not built: .+)$", out, re.MULTILINE)
+    monkeypatch.setattr(dft_peft.cli.env.window_cpu, "status", lambda: (False, "no C compiler found (set CC)"))
+    assert main(["env"]) == 0
+    assert "C selection loop: not built: no C compiler found (set CC)" in capsys.readouterr().out
+
+
+def test_every_flag_is_documented():
+    parser = build_parser()
+    for command in ("demo", "edit", "eval", "inspect", "env"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        for action in sub._actions:
+            assert action.help and action.help.strip() != "(default: %(default)s)", (command, action.dest)
