@@ -1,6 +1,8 @@
 """Scatter-merge of a sparse delta into a weight with Triton: the GPU path, bit-identical to `scatter_merge_torch`.
 
 One program per BLOCK delta entries; indices are unique (SparseDelta's invariant), so scattered stores never race.
+The kernels do no bounds checks: they rely on the indices having been checked where they enter the model
+(`DFTLayer.set_sparse_delta` and its state-dict load hook), once, not on every merge.
 The arithmetic is the reference's, `w[i] ← dtype(fp32(w[i]) + fp32(v))` with round-to-nearest-even casts.
 """
 

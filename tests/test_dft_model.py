@@ -344,7 +344,7 @@ def test_save_load_round_trip(kind, target, tmp_path, input_ids):
     model.save_pretrained(tmp_path, save_embedding_layers=False)
     with safe_open(tmp_path / "adapter_model.safetensors", framework="pt") as f:
         parts = {k.rpartition(".")[2] for k in f.keys()}  # noqa: SIM118
-    assert parts == {"dft_values", "dft_code", "dft_meta", "dft_fingerprint"}
+    assert parts == {"dft_values", "dft_code", "dft_meta", "dft_fingerprint", "dft_checksum", "dft_edit_config"}
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(logits(loaded, input_ids), expected, rtol=0, atol=0)
     original, reloaded = model.base_model.get_core(), loaded.base_model.get_core()

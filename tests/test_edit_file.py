@@ -12,18 +12,24 @@ from tiny_models import random_core, tiny_llama
 
 import dft_peft
 from dft_peft.format import codec
+from dft_peft.format.edit_file import CHECKSUM_PART, FILE_PARTS, group_parts, module_checksum
 from dft_peft.tuner.layer import DFTLayer
 
 NAME = "base_model.model.model.layers.0.mlp.up_proj"  # a module every saved edit below changes
 WEIGHTS = "adapter_model.safetensors"
 
 
-@pytest.fixture
-def edit_dir(tmp_path):
+def save_edit(directory):
+    """A valid edit of tiny Llama (seeded core) saved in `directory`."""
     model = get_peft_model(tiny_llama(), dft_peft.DFTConfig(top_t=0.05))
     model.add_core(random_core(model, density=0.05))
-    model.save_pretrained(tmp_path)
-    return tmp_path
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def edit_dir(tmp_path):
+    return save_edit(tmp_path)
 
 
 def snapshot(model: torch.nn.Module) -> dict:
@@ -47,8 +53,14 @@ def assert_untouched(model: torch.nn.Module, before: dict) -> None:
 
 
 def rewrite(edit_dir, change) -> None:
+    """Apply `change` to the saved tensors and recompute the checksums, as a hostile writer would: the validation
+    behind them is what must refuse the file."""
     tensors = load_file(edit_dir / WEIGHTS)
     change(tensors)
+    groups, _ = group_parts(tensors.items())
+    for prefix, parts in groups.items():
+        if all(p in parts for p in FILE_PARTS):
+            tensors[f"{prefix}.{CHECKSUM_PART}"] = module_checksum(prefix, parts)
     save_file(tensors, edit_dir / WEIGHTS, metadata={"format": "pt"})
 
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from peft import PeftModel
 from torch import nn
 
-from ..format.checkpoint import CheckpointReader
+from ..checks import check_value
+from ..format.checkpoint import CheckpointReader, is_regular_file, read_json_object
 from ..format.edit_file import PEFT_PREFIX, WEIGHTS_NAME
 from ..selection import LazyDeltas, Terms, flat_range, select_core
 from ..tuner.config import DFTConfig
@@ -19,19 +20,30 @@ from ..tuner.model import DFTModel
 from .adapter import adapter_to_edit
 
 
-def _is_lora_adapter(path: str) -> bool:
-    config = os.path.join(path, "adapter_config.json")
-    if not os.path.isfile(config):
-        return False
-    with open(config) as f:
-        return json.load(f).get("peft_type") == "LORA"
+def _lora_config(path: str) -> dict[str, Any] | None:
+    """The adapter_config.json of a PEFT LoRA adapter directory, checked; None when `path` is no LoRA adapter."""
+    file = os.path.join(path, "adapter_config.json")
+    if not os.path.isdir(path) or not is_regular_file(file):
+        return None
+    config = read_json_object(file)
+    if config.get("peft_type") != "LORA":
+        return None
+    check_value(file, "r", config.get("r"), "positive_int")
+    check_value(file, "lora_alpha", config.get("lora_alpha", config["r"]), "positive")
+    for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        if not isinstance(config.get(flag, False), bool):
+            raise ValueError(f"{file}.{flag} must be true or false, got {config[flag]!r}")
+    if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(f"{file}: DoRA and per-module ranks or alphas (rank_pattern, alpha_pattern) are not "
+                         "supported; build_edit reads plain LoRA adapters")
+    return config
 
 
 def checkpoint_deltas(path: str, layers: dict[str, DFTLayer]) -> LazyDeltas:
     """Module name → (checkpoint weight − current base weight), or scale·B·A for a LoRA adapter, read on access."""
     shapes = {name: layer.base_shape for name, layer in layers.items()}
-    if _is_lora_adapter(path):
-        return LazyDeltas(shapes, _lora_delta_fn(path, layers))
+    if (lora := _lora_config(path)) is not None:
+        return LazyDeltas(shapes, _lora_delta_fn(path, lora, layers))
     reader = CheckpointReader(path)
 
     def base_and_key(name: str) -> tuple[torch.Tensor, str]:
@@ -56,9 +68,7 @@ def checkpoint_deltas(path: str, layers: dict[str, DFTLayer]) -> LazyDeltas:
     return LazyDeltas(shapes, delta_rows, read_terms=terms_range)
 
 
-def _lora_delta_fn(path: str, layers: dict[str, DFTLayer]) -> Callable[[str], torch.Tensor]:
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        config = json.load(f)
+def _lora_delta_fn(path: str, config: dict[str, Any], layers: dict[str, DFTLayer]) -> Callable[[str], torch.Tensor]:
     r, alpha = config["r"], config.get("lora_alpha", config["r"])
     scale = alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
     reader = CheckpointReader(os.path.join(path, WEIGHTS_NAME))
@@ -66,15 +76,19 @@ def _lora_delta_fn(path: str, layers: dict[str, DFTLayer]) -> Callable[[str], to
     def delta(name: str) -> torch.Tensor:
         weight = layers[name].get_base_layer().weight
         key = f"{PEFT_PREFIX}{name}.lora_"
-        if f"{key}A.weight" not in reader.files:  # a module the adapter does not train: no change
+        present = [f"{key}{m}.weight" in reader.files for m in "AB"]
+        if not any(present):  # a module the adapter does not train: no change
             return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        a = reader.get(f"{key}A.weight").float()
-        b = reader.get(f"{key}B.weight").float()
-        product = scale * (b @ a)
+        if not all(present):
+            raise ValueError(f"{path}: the LoRA adapter holds only one of lora_A and lora_B for {name}")
+        # Shapes and dtypes from the header (tensor() refuses non-float dtypes), before anything is read or multiplied.
+        out_features, in_features = weight.shape[::-1] if config.get("fan_in_fan_out") else weight.shape
+        for part, expected in (("A", (r, in_features)), ("B", (out_features, r))):
+            if (shape := reader.tensor(f"{key}{part}.weight").shape) != expected:
+                raise ValueError(f"{path}: lora_{part} of {name} has shape {shape}, expected {expected} (r={r}, base "
+                                 f"weight {tuple(weight.shape)})")
+        product = scale * (reader.get(f"{key}B.weight").float() @ reader.get(f"{key}A.weight").float())
         product = product.T if config.get("fan_in_fan_out") else product
-        if tuple(product.shape) != tuple(weight.shape):
-            raise ValueError(f"{path}: LoRA delta of {name} has shape {tuple(product.shape)}, the base weight "
-                             f"{tuple(weight.shape)}")
         return product.to(weight.device).contiguous()
 
     return delta

@@ -1,5 +1,7 @@
 """Reading safetensors checkpoints tensor by tensor, and flat ranges of them, for `build_edit`: headers checked
-against the files before anything is read, plain reads into reused buffers (no memory map)."""
+against the files before anything is read, plain reads into reused buffers (no memory map). Also the two guards every
+reader of a downloaded file goes through: `open_regular` (never a FIFO or device, which could block or never end)
+and `read_json_object` (a ValueError naming the file for anything but a JSON object)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ import contextlib
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 import torch
 
@@ -27,11 +31,58 @@ class StoredTensor:
     end: int
 
 
+def is_regular_file(path: str | os.PathLike[str]) -> bool:
+    """True for a regular file, False when nothing is there; ValueError naming `path` for anything else.
+
+    Checked with `os.stat` before a path is handed to a reader that opens it itself (safetensors, PEFT): opening a FIFO
+    blocks until a writer comes, and a device or directory never reads as a file.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path} is not a regular file (a FIFO, device or directory): refusing to read it")
+    return True
+
+
+def open_regular(path: str | os.PathLike[str], buffering: int = -1) -> BinaryIO:
+    """Open `path` for binary reading, refusing (ValueError naming it) anything but a regular file.
+
+    Opened non-blocking and checked with `fstat` on the open descriptor, so a FIFO neither blocks the open nor can be
+    swapped in after the check; the flag has no effect on reads of a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file (a FIFO, device or directory): refusing to read it")
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object in `path`; ValueError naming the file when it is not a regular file of UTF-8 JSON holding an
+    object (deep nesting included)."""
+    with open_regular(path) as f:
+        data = f.read(HEADER_LIMIT + 1)
+    if len(data) > HEADER_LIMIT:
+        raise ValueError(f"{path}: over {HEADER_LIMIT} bytes, too large for a JSON configuration")
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, absurd numbers or nesting
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
 def _read_header(file: str) -> dict[str, StoredTensor]:
     """The tensors of one safetensors file, their byte ranges checked against the file (a corrupt or hostile header
     gives a ValueError naming the file, never a read outside it)."""
-    size = os.path.getsize(file)
-    with open(file, "rb") as f:
+    with open_regular(file) as f:
+        size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
         if not 0 < length <= min(HEADER_LIMIT, size - 8):
@@ -74,22 +125,21 @@ class CheckpointReader:
         self.stored: dict[str, StoredTensor] = {}
         self.rooms = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]  # for `stream` reads
         self.turn = 0
-        if os.path.isfile(path):
+        if not os.path.isdir(path) and is_regular_file(path):
             if not path.endswith(".safetensors"):
                 raise ValueError(f"{path}: checkpoints are read from safetensors files only")
             self._add_file(path)
-        elif os.path.isfile(index := os.path.join(path, "model.safetensors.index.json")):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index} has no weight_map")
+        elif is_regular_file(index := os.path.join(path, "model.safetensors.index.json")):
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError(f"{index}: weight_map must be a JSON object of tensor name → shard file name")
             root = os.path.abspath(path)
             for name, file in weight_map.items():
-                full = os.path.abspath(os.path.join(root, str(file)))
+                full = os.path.abspath(os.path.join(root, file))
                 if os.path.commonpath([root, full]) != root:
                     raise ValueError(f"{index}: {name!r} is mapped to {file!r}, outside the checkpoint directory")
                 self.files[name] = full
-        elif os.path.isfile(single := os.path.join(path, "model.safetensors")):
+        elif is_regular_file(single := os.path.join(path, "model.safetensors")):
             self._add_file(single)
         else:
             raise ValueError(f"{path}: no safetensors checkpoint (model.safetensors or model.safetensors.index.json)")
@@ -133,7 +183,7 @@ class CheckpointReader:
                 self.rooms[self.turn] = torch.empty(nbytes, dtype=torch.uint8)
             target = self.rooms[self.turn][:nbytes]
         offset, view, done = stored.begin + start * dtype.itemsize, memoryview(target.numpy()), 0
-        with open(stored.file, "rb", buffering=0) as f:  # unbuffered: the kernel copies straight into `target`
+        with open_regular(stored.file, buffering=0) as f:  # unbuffered: the kernel copies straight into `target`
             f.seek(offset)
             while done < nbytes:
                 got = f.readinto(view[done:])

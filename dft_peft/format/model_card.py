@@ -7,6 +7,7 @@ import os
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 
+from .checkpoint import is_regular_file
 from .edit_file import WEIGHTS_NAME
 
 TAGS = ("dft", "knowledge-editing")
@@ -16,7 +17,7 @@ SECTION = "## DFT edit"
 def edited_parameter_count(directory: str) -> int | None:
     """Number of edited weight entries in a saved edit (read from the safetensors header only)."""
     path = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.exists(path):
+    if not is_regular_file(path):
         return None
     total = 0
     with safe_open(path, framework="pt") as f:

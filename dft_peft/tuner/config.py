@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -95,17 +98,44 @@ class DFTConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """Load the config; for a local edit also refuse a pickled or corrupt weights file before any model changes."""
-        from ..format.edit_file import preflight
+        """Load the config; for a local edit also run `preflight` on its weights before any model changes.
+
+        A malformed `adapter_config.json` raises ValueError naming it. When the weights carry a config (stored with
+        the cores by `save_pretrained`) whose fields differ from `adapter_config.json`, a save was interrupted after
+        its weights were in place: the stored fields win, with a warning, so the directory loads as the edit its
+        weights belong to.
+        """
+        from ..format.checkpoint import read_json_object
+        from ..format.edit_file import CONFIG_NAME, WEIGHTS_NAME, edit_config_fields, preflight
 
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
-        if os.path.isdir(directory):
-            preflight(directory)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        local = os.path.isdir(directory)
+        path = os.path.join(directory, CONFIG_NAME)
+        if local and os.path.exists(path):
+            read_json_object(path)  # a file that is not a JSON object raises ValueError naming it, PEFT's reader not
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: not a valid DFT config: {err}") from err
+        if not local:
+            return config
+        stored, own = preflight(directory, config.modules_to_save or []), edit_config_fields(config)
+        if stored is not None and stored != own:
+            warnings.warn(f"{path} does not match the config stored in {WEIGHTS_NAME} (a save interrupted after "
+                          "its weights were written): loading the edit its weights belong to", stacklevel=2)
+            try:
+                config = dataclasses.replace(config, **{k: v for k, v in stored.items() if k in own})
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)}: invalid stored config: {err}") from err
+            preflight(directory, config.modules_to_save or [])
+        config._edit_directory = directory  # checked once more when the adapter is injected: see DFTModel
+        return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """Save `adapter_config.json`; when the edit's weights are there, also complete the model card."""
-        super().save_pretrained(save_directory, **kwargs)
+        """Save `adapter_config.json` atomically (`replace_config`: always a whole config, the old or the new); when
+        the edit's weights are there, also complete the model card."""
+        from ..format.edit_file import replace_config
         from ..format.model_card import update_model_card
 
+        replace_config(save_directory, functools.partial(super().save_pretrained, **kwargs))
         update_model_card(save_directory, self.base_model_name_or_path, self.top_t, self.selection)

@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D as HFConv1D
 
-from ..format.sparse import SparseDelta, coalesce, index_dtype
+from ..format.sparse import SparseDelta, check_indices, coalesce, index_dtype
 from .config import DFTConfig
 from .merge import compose_weight, merged_values, scatter_merge, scatter_restore
 
@@ -52,6 +52,7 @@ class DFTLayer(BaseTunerLayer):
         self.base_numel = weight.numel()
         self.base_shape = tuple(weight.shape)
         self.base_fingerprint = weight_fingerprint(weight)
+        self.register_load_state_dict_pre_hook(_check_loaded_indices)
 
     def update_layer(self, adapter_name: str, config: DFTConfig, **kwargs: Any) -> None:
         """Create an empty (identity) sparse delta for `adapter_name`."""
@@ -67,9 +68,17 @@ class DFTLayer(BaseTunerLayer):
         return SparseDelta(self.dft_indices[adapter_name], self.dft_values[adapter_name].detach(), self.base_shape)
 
     def set_sparse_delta(self, adapter_name: str, delta: SparseDelta) -> None:
-        """Replace the adapter's delta (indices must already be validated against this layer)."""
+        """Replace the adapter's delta.
+
+        One of the two ways indices enter the layer (the other is a state-dict load, see `_check_loaded_indices`):
+        they are checked here to be strictly increasing and within the weight, since the scatter-merge kernels trust
+        them (the Triton kernel has no bounds checks).
+        """
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before changing it")
+        if delta.shape != self.base_shape:
+            raise ValueError(f"a delta of shape {delta.shape} cannot be set on a weight of shape {self.base_shape}")
+        check_indices(delta.indices, self.base_numel, f"adapter {adapter_name!r}")
         weight = self.get_base_layer().weight
         requires_grad = self.dft_values[adapter_name].requires_grad
         self.dft_indices[adapter_name] = delta.indices.to(index_dtype(self.base_numel)).to(weight.device)
@@ -177,6 +186,17 @@ class Embedding(nn.Module, DFTLayer):
 
     def __repr__(self) -> str:
         return "dft." + super().__repr__()
+
+
+def _check_loaded_indices(layer: DFTLayer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: indices loaded into a layer are checked as `set_sparse_delta` checks them, except the
+    layer's own buffer handed back (PEFT's load of an edit file, already set through `set_sparse_delta`)."""
+    for key, indices in state_dict.items():
+        adapter = key.removeprefix(f"{prefix}dft_indices.")
+        if adapter == key or not isinstance(indices, torch.Tensor):
+            continue
+        if adapter not in layer.dft_indices or indices is not layer.dft_indices[adapter]:
+            check_indices(indices, layer.base_numel, f"state dict entry {key!r}")
 
 
 def dft_layer_class(target: nn.Module) -> type[DFTLayer]:

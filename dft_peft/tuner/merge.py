@@ -1,7 +1,9 @@
 """Scatter-merge of sparse deltas into weights: the Triton kernels for CUDA weights, the torch path elsewhere.
 
-Both give the same bits. The Triton kernels are imported only when Triton is installed (CPU-only installs need not
-have it); to run them on CPU tensors, set `TRITON_INTERPRET=1` before importing dft_peft.
+Both give the same bits. Indices are trusted here: `DFTLayer` checks them (strictly increasing, within the weight)
+where they enter the model, since the Triton kernels have no bounds checks. The Triton kernels are imported only when
+Triton is installed (CPU-only installs need not have it); to run them on CPU tensors, set `TRITON_INTERPRET=1` before
+importing dft_peft.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -12,7 +14,20 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D as HFConv1D
 
-from ..format.edit_file import PEFT_PREFIX, decode_module, encode_module, group_parts
+from ..format.edit_file import (
+    CONFIG_KEY,
+    MODULES_TO_SAVE,
+    PEFT_PREFIX,
+    UNCHECKED_WARNING,
+    check_extra_tensors,
+    decode_module,
+    edit_config_fields,
+    encode_config,
+    encode_module,
+    group_parts,
+    is_config_key,
+    preflight,
+)
 from ..format.sparse import SparseDelta, coalesce, normalize_core_names
 from .config import DFTConfig
 from .layer import DFTLayer, dft_layer_class
@@ -26,7 +41,19 @@ class DFTModel(BaseTuner):
     Each targeted module becomes a [`DFTLayer`] whose adapters are sparse deltas. An adapter starts empty (the
     identity); [`add_core`] accumulates cores selected by [`dft_peft.select_core`] (or the edit loop in
     [`dft_peft.edit`]). Merging writes the deltas into the weights in place and unmerging restores them bit-exactly.
-    `save_pretrained` writes only the cores: Elias–Fano coded indices and values in `config.value_dtype`.
+    `save_pretrained` writes only the cores: Elias–Fano coded indices and values in `config.value_dtype`, with a
+    checksum per module and the config's DFT fields stored beside them.
+
+    Loading an edit file (`PeftModel.from_pretrained`, `load_adapter`) adds exactly that adapter's DFT parts (and the
+    weights of the modules its config lists in `modules_to_save`): any other key, raw indices or another adapter's
+    tensors are refused, as are corrupt files (checksums; files written before them load with a warning). A load that
+    fails leaves the model as it was: modules, weights and `requires_grad`.
+
+    `save_pretrained` is atomic as a whole: after a crash at any point the directory loads as the previous complete
+    edit or the new one. PEFT replaces `adapter_model.safetensors` by an atomic rename, then `adapter_config.json` is
+    replaced atomically (written in a temporary directory beside it, flushed, renamed); between the two renames the
+    weights' stored config is the one that loads (see `DFTConfig.from_pretrained`). A successful save leaves no
+    temporary file.
 
     Example:
         ```py
@@ -41,6 +68,8 @@ class DFTModel(BaseTuner):
     prefix: str = "dft_"
     tuner_layer_cls = DFTLayer
     target_module_mapping: dict[str, list[str]] = {}
+    # The adapter the last injection created, until a load fills it: a failed load removes only an adapter it created.
+    _fresh_adapter: str | None = None
 
     # --- injection ------------------------------------------------------------------------------------------
 
@@ -53,6 +82,17 @@ class DFTModel(BaseTuner):
         # Remember what injection changes on the user's model, so a failed load can give it back untouched.
         if not any(isinstance(m, DFTLayer) for m in model.modules()):
             self._base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        """PEFT's injection; for a config read from a local edit (`DFTConfig.from_pretrained`), that edit's weights
+        are checked first, so a load that would fail in PEFT's code (no weights file, `modules_to_save` without
+        weights) is refused before the model changes."""
+        config = self.peft_config[adapter_name]
+        directory = config.__dict__.pop("_edit_directory", None)
+        if directory is not None:
+            preflight(directory, config.modules_to_save or [], require_weights=True)
+        super().inject_adapter(model, adapter_name, **kwargs)
+        self._fresh_adapter = adapter_name
 
     def _create_and_replace(
         self,
@@ -129,6 +169,8 @@ class DFTModel(BaseTuner):
             delta.validate(f"core[{name!r}]")
             if adapter_name in layer.merged_adapters:
                 raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before add_core")
+        if self._fresh_adapter == adapter_name:
+            self._fresh_adapter = None
         if consume:
             given.clear()  # the validated deltas are now held only here, and leave one module at a time
         for name in list(core):
@@ -139,9 +181,13 @@ class DFTModel(BaseTuner):
     def add_weighted_adapter(
         self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str
     ) -> None:
-        """Create `adapter_name` = Σ weights[i] · adapters[i] (a sparse sum: union of indices)."""
+        """Create `adapter_name` = Σ weights[i] · adapters[i] (a sparse sum: union of indices); weights are finite
+        real numbers of any sign, checked before anything changes."""
         if len(adapters) != len(weights) or not adapters:
             raise ValueError("add_weighted_adapter needs as many weights as adapters, at least one")
+        bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)]
+        if bad:
+            raise ValueError(f"add_weighted_adapter weights must be finite real numbers, got {bad}")
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
         cores = [self.get_core(a) for a in adapters]
@@ -157,6 +203,7 @@ class DFTModel(BaseTuner):
         for name in names:
             parts = [c[name].scaled(w) for c, w in zip(cores, weights) if name in c]
             layers[name].set_sparse_delta(adapter_name, coalesce(parts, layers[name].base_shape))
+        self._fresh_adapter = None
         self.set_adapter(self.active_adapters)
 
     # --- edit files -----------------------------------------------------------------------------------------
@@ -170,15 +217,16 @@ class DFTModel(BaseTuner):
         state_dict: dict[str, torch.Tensor],
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
-        """Encode each non-empty sparse delta: Elias–Fano coded indices, values in `config.value_dtype`."""
-        out: dict[str, torch.Tensor] = {}
+        """Encode each non-empty sparse delta (Elias–Fano coded indices, values in `config.value_dtype`, checksum) and
+        the config's DFT fields, stored with the cores so that weights and config cannot come apart."""
+        out: dict[str, torch.Tensor] = {CONFIG_KEY: encode_config(edit_config_fields(config))}
         for name, layer in _named_dft_layers(model).items():
             values = state_dict.get(f"{name}.dft_values.{adapter_name}")
             indices = state_dict.get(f"{name}.dft_indices.{adapter_name}")
             if values is None or indices is None or indices.numel() == 0:
                 continue
-            parts = encode_module(SparseDelta(indices, values.detach(), layer.base_shape), config.torch_value_dtype,
-                                  layer.base_fingerprint)
+            parts = encode_module(name, SparseDelta(indices, values.detach(), layer.base_shape),
+                                  config.torch_value_dtype, layer.base_fingerprint)
             out.update({f"{name}.{part}.{adapter_name}": tensor for part, tensor in parts.items()})
         return out
 
@@ -188,15 +236,21 @@ class DFTModel(BaseTuner):
     ) -> dict[str, torch.Tensor]:
         """Decode and validate every core of an edit file, then size the adapter to receive it.
 
-        Nothing in the model changes unless the whole file is valid; on an invalid file the injection PEFT did
-        for this load is rolled back too, so the user's model is as it was before the call.
+        Only this adapter's DFT parts and the weights of its `modules_to_save` enter the model: any other key is
+        refused. Nothing in the model changes unless the whole file is valid; on an invalid file the injection PEFT
+        did for this load is rolled back too, so the user's model is as it was before the call.
         """
+        tuner = _tuner_of(model)
+        fresh = tuner is not None and tuner._fresh_adapter == adapter_name
+        if tuner is not None:
+            tuner._fresh_adapter = None
         try:
-            decoded, passthrough = _decode_edit_file(model, config, adapter_name, state_dict)
+            decoded, extras = _decode_edit_file(model, config, adapter_name, state_dict)
         except Exception:
-            _rollback_failed_load(model, adapter_name)
+            if fresh:
+                tuner._rollback(adapter_name)
             raise
-        out = dict(passthrough)
+        out = dict(extras)
         for name, layer in _named_dft_layers(model).items():
             if adapter_name not in layer.dft_values:
                 continue
@@ -226,24 +280,32 @@ def _named_dft_layers(model: nn.Module) -> dict[str, DFTLayer]:
 def _decode_edit_file(
     model: nn.Module, config: DFTConfig, adapter_name: str, state_dict: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, SparseDelta], dict[str, torch.Tensor]]:
-    """Validate an edit file's tensors → (module prefix → SparseDelta, entries that are not DFT cores)."""
+    """Validate an edit file's tensors → (module prefix → SparseDelta, this adapter's `modules_to_save` weights)."""
     layers = {n: m for n, m in _named_dft_layers(model).items() if adapter_name in m.dft_values}
     # A file saved from a PeftModel names modules with PEFT's prefix; a model with directly injected layers lacks it.
     aliases = {n if n.startswith(PEFT_PREFIX) else PEFT_PREFIX + n: n for n in layers}
-    groups, passthrough = group_parts(state_dict.items(), extra_parts=("dft_indices",))
-    decoded = {}
+    groups, others = group_parts((k, v) for k, v in state_dict.items() if not is_config_key(k))
+    if others:  # PEFT has renamed a listed module's weights to its copy: `<module>.modules_to_save.<adapter>.<name>`
+        copies = {k: v for k, v in model.state_dict().items() if f"{MODULES_TO_SAVE}{adapter_name}." in k}
+        check_extra_tensors(others, copies, "the edit file")
+    decoded, unchecked = {}, False
     for prefix, parts in groups.items():
         name = prefix if prefix in layers else aliases.get(prefix)
         if name is None:
             raise ValueError(f"the edit changes module {prefix.removeprefix(PEFT_PREFIX)!r}, which this model has no "
                              "DFT layer for: was it made for another base model or with other target_modules?")
+        if name in decoded:
+            raise ValueError(f"the edit file holds module {name.removeprefix(PEFT_PREFIX)!r} twice")
         layer = layers[name]
-        decoded[name] = decode_module(prefix.removeprefix(PEFT_PREFIX), parts, layer.base_numel, layer.base_shape,
-                                      layer.base_fingerprint if config.verify_base_fingerprint else None)
-    return decoded, passthrough
+        decoded[name], checked = decode_module(prefix.removeprefix(PEFT_PREFIX), parts, layer.base_numel,
+                                               layer.base_shape,
+                                               layer.base_fingerprint if config.verify_base_fingerprint else None)
+        unchecked |= not checked
+    if unchecked:
+        warnings.warn(UNCHECKED_WARNING.format(path="the edit file"), stacklevel=4)
+    return decoded, others
 
 
-def _rollback_failed_load(model: nn.Module, adapter_name: str) -> None:
+def _tuner_of(model: nn.Module) -> DFTModel | None:
     tuner = model if isinstance(model, DFTModel) else getattr(model, "base_model", None)
-    if isinstance(tuner, DFTModel):
-        tuner._rollback(adapter_name)
+    return tuner if isinstance(tuner, DFTModel) else None
