@@ -2,10 +2,12 @@
 
 MEMIT's update with the preserved knowledge taken out of the objective and enforced instead: the update is
 projected onto the null space of the preserved keys K0, so that (W + Δ P) k0 = W k0 for every key k0 the statistics
-saw. P = Û Ûᵀ, Û the eigenvectors of K0 K0ᵀ ∝ C_l = E[k kᵀ] whose eigenvalues are below `nullspace_threshold`
-times the largest (AlphaEdit keeps the eigenvalues below an absolute 1e-2 of its models' statistics; a relative
-threshold carries over to models whose keys have another scale). Per layer, as in MEMIT (same targets, same split of
-the residual R over the range), with the keys of this call's requests K and those of earlier calls K_p:
+saw. P = Û Ûᵀ, Û the eigenvectors of K0 K0ᵀ ∝ C_l = E[k kᵀ] whose eigenvalues are below `nullspace_threshold`,
+an absolute threshold on the eigenvalues of the mean second moment C_l, as in the authors' code (2e-2). (A threshold
+relative to the largest eigenvalue does not carry over: LLaMA-like models have a few massive activations, e.g. at the
+first token, that make the largest eigenvalue of some layers 10³–10⁶ times that of others.) Per layer, as in MEMIT
+(same targets, same split of the residual R over the range), with the keys of this call's requests K and those of
+earlier calls K_p:
 
     Δ_l = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹                    (AlphaEdit Eq. 7, α `l2`)
 
@@ -29,7 +31,7 @@ class AlphaEdit(MEMIT):
     """AlphaEdit on a contiguous range of down-projections; see `MEMIT` and `LocateEditor` for the other arguments.
 
     Args:
-        nullspace_threshold: Eigenvalues of C_l below this fraction of the largest span the null space.
+        nullspace_threshold: Eigenvectors of C_l with eigenvalues below this span the null space.
         l2: α, the ridge term of Eq. 7.
     """
 
@@ -37,14 +39,14 @@ class AlphaEdit(MEMIT):
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, layers: Sequence[int] | None = None,
                  cache_dir: str | os.PathLike[str] | None = None, value: ValueSettings | None = None,
-                 nullspace_threshold: float = 1e-2, l2: float = 10.0, **options) -> None:
+                 nullspace_threshold: float = 2e-2, l2: float = 10.0, **options) -> None:
         super().__init__(model, tokenizer, layers, cache_dir, value, **options)
         self.l2 = l2
         self.projections: dict[int, torch.Tensor] = {}
         self.null_dimensions: dict[int, int] = {}
         for layer in self.layers:
             eigenvalues, eigenvectors = torch.linalg.eigh(self.statistics.second_moment(layer).double())
-            kept = eigenvectors[:, eigenvalues < nullspace_threshold * eigenvalues.max()]  # (d_ff, null dim)
+            kept = eigenvectors[:, eigenvalues < nullspace_threshold]  # (d_ff, null dim)
             self.projections[layer] = kept @ kept.T  # (d_ff, d_ff)
             self.null_dimensions[layer] = kept.shape[1]
         self.edited_moments = {layer: torch.zeros_like(p) for layer, p in self.projections.items()}

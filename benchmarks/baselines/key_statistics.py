@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -70,8 +71,9 @@ class MomentAccumulator:
         self.mask: torch.Tensor | None = None
 
     def __call__(self, _module: nn.Module, args: tuple) -> None:
-        keys = args[0][self.mask].double()  # (tokens, d_ff)
-        self.sum += keys.T @ keys
+        keys = args[0][self.mask].float()  # (tokens, d_ff)
+        # One batch's sum in float32, the running sum in float64.
+        self.sum += (keys.T @ keys).double()
         self.count += keys.shape[0]
 
 
@@ -86,7 +88,9 @@ class KeyStatistics:
         batch_size, max_length: Texts per forward pass and tokens kept per text.
 
     After construction, `second_moment(l)` is C_l (float32, d_ff × d_ff), `tokens` the number of keys behind each,
-    and `seconds` the time spent computing (0 when every layer came from the cache).
+    `seconds` the time this construction spent computing (0 when every layer came from the cache) and
+    `precompute_seconds` the time of the pass(es) that computed the layers, as recorded in the cache files (a pass
+    that computed several layers counts once).
     """
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, layers: Sequence[int],
@@ -108,12 +112,15 @@ class KeyStatistics:
             self._compute(model, tokenizer, missing, batch_size)
             self.seconds = time.perf_counter() - tick
         self.moments: dict[int, torch.Tensor] = {}
-        counts = set()
+        counts, passes = set(), {}
         for layer, path in self.paths.items():
-            stored = load_file(path.with_suffix(".safetensors"))
-            self.moments[layer] = stored["second_moment"]
-            counts.add(int(stored["tokens"]))
+            with safe_open(str(path.with_suffix(".safetensors")), "pt") as stored:
+                self.moments[layer] = stored.get_tensor("second_moment")
+                counts.add(int(stored.get_tensor("tokens")))
+                metadata = stored.metadata()
+            passes[metadata["pass"]] = float(metadata["seconds"])
         self.tokens = counts.pop()
+        self.precompute_seconds = sum(passes.values())
 
     def second_moment(self, layer: int) -> torch.Tensor:
         """C_l = E[k kᵀ] over the text's tokens: (d_ff, d_ff), float32."""
@@ -124,6 +131,7 @@ class KeyStatistics:
     def _compute(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, layers: list[int],
                  batch_size: int) -> None:
         """Run the texts through the model up to the last layer needed and write one file per layer."""
+        tick = time.perf_counter()
         accumulators = {layer: MomentAccumulator(down_proj(model, layer).in_features) for layer in layers}
         hooks = [down_proj(model, layer).register_forward_pre_hook(acc) for layer, acc in accumulators.items()]
         hooks.append(down_proj(model, max(layers)).register_forward_hook(Capture(stop=True)))
@@ -146,7 +154,9 @@ class KeyStatistics:
             for hook in hooks:
                 hook.remove()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        # The pass's identity and duration, so that a later load can report what precomputing took.
+        metadata = {"pass": f"{time.time_ns()}:{layers}", "seconds": f"{time.perf_counter() - tick:.3f}"}
         for layer, acc in accumulators.items():
             moment = (acc.sum / acc.count).float()
             save_file({"second_moment": moment.contiguous(), "tokens": torch.tensor(acc.count)},
-                      str(self.paths[layer].with_suffix(".safetensors")))
+                      str(self.paths[layer].with_suffix(".safetensors")), metadata=metadata)
