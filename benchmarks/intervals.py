@@ -32,6 +32,8 @@ def bootstrap_mean(per_seed: PerSeed, resamples: int = RESAMPLES, level: float =
         raise ValueError("bootstrap_mean needs at least one seed, each with at least one value")
     if resamples < 1 or not 0 < level < 1:
         raise ValueError(f"need resamples >= 1 and 0 < level < 1, got {resamples}, {level}")
+    shift = seeds[0][0]  # values less one of them: a constant sample gives exact zeros, a zero-width interval
+    seeds = [v - shift for v in seeds]
     rng = np.random.default_rng(RNG_SEED)
     n_seeds = len(seeds)
     # For each seed: the mean of an independent within-seed resample, per (bootstrap replicate, draw slot).
@@ -40,12 +42,10 @@ def bootstrap_mean(per_seed: PerSeed, resamples: int = RESAMPLES, level: float =
     statistic = inner[drawn, np.arange(resamples)[:, None], np.arange(n_seeds)[None, :]].mean(axis=1)
     tail = 100 * (1 - level) / 2
     lo, hi = np.percentile(statistic, [tail, 100 - tail])
-    means = [float(v.mean()) for v in seeds]
-    mean = float(np.mean(means))
-    # The percentile bounds of a resampled mean can round just past a constant sample's mean: clamp them to it.
-    lo, hi = min(float(lo), mean), max(float(hi), mean)
+    means = [float(v.mean() + shift) for v in seeds]
     f = transform or float
-    return {"mean": f(mean), "lo": f(lo), "hi": f(hi), "per_seed": [f(m) for m in means]}
+    return {"mean": f(float(np.mean([v.mean() for v in seeds]) + shift)), "lo": f(float(lo + shift)),
+            "hi": f(float(hi + shift)), "per_seed": [f(m) for m in means]}
 
 
 def paired_difference(per_seed: PerSeed, baseline: PerSeed, resamples: int = RESAMPLES, level: float = LEVEL) -> dict:

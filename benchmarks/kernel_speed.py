@@ -30,10 +30,11 @@ from pathlib import Path
 
 import torch
 from dft_peft.kernels import window_cpu
-from dft_peft.kernels.select_core_torch import FLT_MIN, compile_wanted, core_size
+from dft_peft.kernels.select_core_torch import select_core_torch
 from llama_shapes import layer_shapes
 
 from dft_peft.format import codec
+from dft_peft.selection.rule import FLT_MIN, core_size
 from dft_peft.tuner.config import DFTConfig
 from dft_peft.tuner.merge import scatter_merge
 
@@ -155,14 +156,12 @@ def worker(spec: dict) -> dict:
     torch.manual_seed(0)
     new, old, pooled = make_deltas(spec["numel"], getattr(torch, spec["dtype"]))
     if spec["method"] == "torch":
-        from dft_peft.kernels.select_core_torch import select_core_torch
-
         def fn():
             return select_core_torch(new, old, spec["top_t"])
     else:
         def fn():
             return select_naive_topk(new, old, spec["top_t"])
-    fn()  # warm-up (compiles the fused chunk kernels where used)
+    fn()  # warm-up (builds or loads the C loop where used)
     peak, core = peak_extra_bytes(fn)
     nnz, size = core_bytes(core)
     del core
@@ -175,10 +174,7 @@ def worker(spec: dict) -> dict:
     out = {"seconds": times, "best_s": min(times), "peak_extra_bytes": peak, "core_nnz": nnz, "core_bytes": size,
            "delta_bytes": delta_bytes(new, old), "pooled": pooled, "modules": len(new)}
     if spec["method"] == "torch":
-        if window_cpu.library() is not None:
-            out["path"] = "C loop"
-        else:
-            out["path"] = "torch ops, " + ("compiled" if compile_wanted(spec["numel"]) else "eager")
+        out["path"] = "C loop" if window_cpu.library() is not None else "torch ops"
         out["copy_bytes_per_s"] = copy_bandwidth(new, old)
     return out
 

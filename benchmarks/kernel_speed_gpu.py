@@ -19,7 +19,6 @@ Definitions:
 import argparse
 import datetime
 import json
-import os
 import statistics
 import sys
 import time
@@ -29,8 +28,10 @@ from pathlib import Path
 import kernel_speed as cpu_bench
 import torch
 import triton
-from dft_peft.kernels.select_core_torch import core_size, select_core_torch
+from dft_peft.kernels.select_core_torch import select_core_torch
 from dft_peft.kernels.select_core_triton import select_core_triton
+
+from dft_peft.selection.rule import core_size
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels_gpu"
 GOAL = 0.7
@@ -215,7 +216,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("kernel_speed_gpu.py: no CUDA device (use --device cpu with TRITON_INTERPRET=1 for a smoke test)")
-    os.environ["DFT_PEFT_COMPILE"] = "0"  # the torch path is only the bit-exact reference here
     started = time.time()
     clock = Clock(args.device)
     sizes = [(text, cpu_bench.parse_size(text)) for text in args.sizes.split(",")]

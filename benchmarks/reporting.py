@@ -79,6 +79,7 @@ def method_notes(probe: str) -> list[str]:
         "target (its normalised words begin with the target's), or for locality equals the unedited model's answer. "
         "KL: mean per-token KL(unedited ‖ edited) in nats over the capability probe's texts; perplexity change on the "
         f"same texts. Probe texts: {probe}.",
+        "",
     ]
 
 

@@ -20,6 +20,7 @@ float16) and reused.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import unicodedata
 from collections.abc import Iterator, Sequence
@@ -156,21 +157,28 @@ class Scorer:
                                                self.locality_budgets)
         self.probe = CapabilityProbe(unedited, tokenizer, texts)
 
-    def __call__(self, model: nn.Module, edited: int | None = None) -> dict[str, list[float]]:
-        """Per-unit values of every metric: reliability and generality (both scorings) over the first `edited`
-        requests (default: all), locality (both scorings) over all requests, the probe over its texts."""
-        n = len(self.requests) if edited is None else edited
-        metrics = evaluate(model, self.tokenizer, self.requests, reference=self.reference,
+    def __call__(self, model: nn.Module, retained: Sequence[int] | None = None,
+                 local: Sequence[int] | None = None) -> dict[str, list[float]]:
+        """Per-unit values of every metric: reliability and generality (both scorings) on the requests at indices
+        `retained`, locality (both scorings) on those at `local` (both default: all), the probe on its texts."""
+        retained = range(len(self.requests)) if retained is None else retained
+        local = range(len(self.requests)) if local is None else local
+        union = sorted(set(retained) | set(local))
+        position = {i: k for k, i in enumerate(union)}
+        reference = dataclasses.replace(self.reference, pairs=tuple(self.reference.pairs[i] for i in union),
+                                        predictions=tuple(self.reference.predictions[i] for i in union))
+        metrics = evaluate(model, self.tokenizer, [self.requests[i] for i in union], reference=reference,
                            batch_size=EVAL_BATCH_SIZE).per_request
-        scores = {name: [100.0 * m[name] for m in metrics[:n]] for name in ("reliability", "generality")}
-        scores["locality"] = [100.0 * m["locality"] for m in metrics]
-        done = self.requests[:n]
+        scores = {name: [100.0 * metrics[position[i]][name] for i in retained] for name in ("reliability",
+                                                                                         "generality")}
+        scores["locality"] = [100.0 * metrics[position[i]]["locality"] for i in local]
+        done = [self.requests[i] for i in retained]
+        budgets = [self.target_budgets[i] for i in retained]
         answers = greedy_answers(model, self.tokenizer, [r.prompt for r in done] + [r.rephrase for r in done],
-                                 self.target_budgets[:n] * 2)
-        targets = [r.target_new for r in done] * 2
-        hits = [100.0 * matches(a, t) for a, t in zip(answers, targets)]
-        scores["gen_reliability"], scores["gen_generality"] = hits[:n], hits[n:]
-        local = greedy_answers(model, self.tokenizer, [r.locality_prompt for r in self.requests],
-                               self.locality_budgets)
-        scores["gen_locality"] = [100.0 * unchanged(a, b) for a, b in zip(local, self.locality_answers)]
+                                 budgets * 2)
+        hits = [100.0 * matches(a, r.target_new) for a, r in zip(answers, done * 2)]
+        scores["gen_reliability"], scores["gen_generality"] = hits[: len(done)], hits[len(done) :]
+        answers = greedy_answers(model, self.tokenizer, [self.requests[i].locality_prompt for i in local],
+                                 [self.locality_budgets[i] for i in local])
+        scores["gen_locality"] = [100.0 * unchanged(a, self.locality_answers[i]) for a, i in zip(answers, local)]
         return {**scores, **self.probe(model)}

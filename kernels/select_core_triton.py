@@ -1,4 +1,5 @@
-"""Core selection with Triton: the GPU path, bit-identical to `select_core_torch` (the rule is in its docstring).
+"""Core selection with Triton: the GPU path, bit-identical to `select_core_naive` and `select_core_torch` (the rule:
+`dft_peft.selection.rule`).
 
 The threshold search never materialises the scores and never sorts the model: each pass streams Δnew and Δold once,
 recomputes the keys on the fly and reduces them against a per-scope key window [lo, hi):
@@ -40,19 +41,17 @@ import triton
 import triton.language as tl
 
 from ..format.sparse import INT32_LIMIT, SparseDelta, index_dtype
-from .select_core_torch import (
+from ..selection.chunks import delta_shapes
+from ..selection.rule import (
     FLT_MIN,
     MAX_KEY,
     check_deltas,
     check_pair,
     check_selection_args,
     core_size,
-    delta_shapes,
     raise_nonfinite,
-    sample_keys,
-    sampled_window,
-    worth_sampling,
 )
+from ..selection.sampling import sample_keys, sampled_window, worth_sampling
 
 BLOCK = 4096  # elements per tile: the unit of the per-tile counts and of the write pass
 BINS = 256  # histogram bins per narrowing pass (8 bits of key)
@@ -69,7 +68,7 @@ def _tile_keys(
     new_ptr, old_ptr, offs, mask, new_cols, new_sr, new_sc, old_cols, old_sr, old_sc,
     NEW_CONTIG: tl.constexpr, OLD_CONTIG: tl.constexpr,
 ):
-    """fp32(Δnew), the keys and the non-finite mask of one tile (the rule of `chunk_keys`, element for element)."""
+    """fp32(Δnew), the keys and the non-finite mask of one tile (`rule.chunk_keys`, element for element)."""
     if NEW_CONTIG:
         new_off = offs
     else:

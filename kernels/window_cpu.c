@@ -1,5 +1,5 @@
-/* Fused score + key-window compaction for core selection on the CPU: the rule of select_core_torch.chunk_window
- * followed by nonzero and gather, in one read of Δnew and Δold.
+/* Fused score + key-window compaction for core selection on the CPU: the rule of window_torch.window_torch (scores,
+ * the key-window test, nonzero and gather) in one read of Δnew and Δold.
  *
  * For each element i: x = fp32(Δnew[i]), y = fp32(Δold[i]) — or, for the `terms` loops, which read two fine-tuned
  * checkpoints and the base they started from, x = fp32(new[i]) − fp32(base[i]) and y = fp32(old[i]) − fp32(base[i]),
@@ -10,10 +10,13 @@
  * as (position in the first list, key), and *keyed counts them.
  * A NaN or inf in either input sets *nonfinite.
  *
- * Compiled at run time by window_cpu.py (plain C99, no torch headers), strict IEEE arithmetic (no -ffast-math), so
- * the keys and values are the bits torch computes. Each block of BLOCK elements is scored in a vectorisable loop;
- * then a bit mask per 32 elements marks the kept ones, and only those are visited (count trailing zeros) and given
- * their values.
+ * Built by window_cpu.py through torch.utils.cpp_extension (as C99, no torch headers), strict IEEE arithmetic (no
+ * -ffast-math, no contraction), so the keys and values are the bits torch computes. Each block of BLOCK elements is
+ * scored in a vectorisable loop; then a bit mask per 32 elements marks the kept ones, and only those are visited
+ * (count trailing zeros) and given their values.
+ *
+ * Every function that writes is handed the capacity of what it writes to and returns OVERFLOW, having written nothing
+ * past it, where the input would need more.
  */
 #include <float.h>
 #include <math.h>
@@ -21,6 +24,16 @@
 #include <string.h>
 
 #define BLOCK 256
+#define OVERFLOW (-1)
+#define HIST_BINS 65536
+
+/* One build serves every x86-64 processor: GCC compiles the loops for AVX-512, AVX2 and the baseline, and the loader
+ * picks the widest the processor has (an ifunc), so a cached build never carries instructions its processor lacks. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VECTORISED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VECTORISED
+#endif
 
 static inline float load_f32(const void *p, int64_t i) { return ((const float *)p)[i]; }
 static inline float load_f64(const void *p, int64_t i) { return (float)((const double *)p)[i]; }
@@ -53,11 +66,12 @@ static inline float load_f16(const void *p, int64_t i) { /* exact IEEE half → 
 }
 #endif
 
-/* X and Y are expressions of the element index i (inputs x, y and, for the terms loops, b). */
+/* X and Y are expressions of the element index i (inputs x, y and, for the terms loops, b). index, value, pos and
+ * key each have room for `capacity` entries. */
 #define DEFINE_WINDOW(NAME, X, Y)                                                                                 \
-    int64_t NAME(const void *x, const void *y, const void *b, int64_t n, int32_t base, int32_t lo, int32_t hi,    \
-                 int32_t sure, float scale, int32_t *index, float *value, int32_t *pos, int32_t *key,             \
-                 int64_t *keyed, int32_t *nonfinite) {                                                            \
+    VECTORISED int64_t NAME(const void *x, const void *y, const void *b, int64_t n, int32_t base, int32_t lo,     \
+                            int32_t hi, int32_t sure, float scale, int32_t *index, float *value, int32_t *pos,    \
+                            int32_t *key, int64_t capacity, int64_t *keyed, int32_t *nonfinite) {                 \
         int64_t count = 0, with_key = 0;                                                                          \
         int32_t bad = 0;                                                                                          \
         int32_t k[BLOCK];                                                                                         \
@@ -81,6 +95,8 @@ static inline float load_f16(const void *p, int64_t i) { /* exact IEEE half → 
                 int width = len - g < 32 ? len - g : 32;                                                          \
                 for (int j = 0; j < width; j++)                                                                   \
                     kept |= (uint32_t)((k[g + j] >= lo) & (k[g + j] <= hi)) << j;                                 \
+                if (__builtin_popcount(kept) > capacity - count) /* keyed ≤ count: one test covers all four */   \
+                    return OVERFLOW;                                                                              \
                 while (kept) {                                                                                    \
                     int j = g + __builtin_ctz(kept);                                                              \
                     int64_t i = start + j;                                                                        \
@@ -125,13 +141,24 @@ DEFINE_TERMS_ROW(bf16, load_bf16)
 DEFINE_TERMS_ROW(f16, load_f16)
 
 /* Append the pieces of a window call to a module's entries in one call, on the calling thread: indices (plus `shift`)
- * from index[n], values from value[n], keys from key[keyed] and, where pos is not NULL, the positions made relative to
- * the storage (plus the entries before their piece). INDEX_T is the storage's index type; the pieces' are int32. */
+ * from index[n], values from value[n], keys from key[nkeyed] and, where pos is not NULL, the positions made relative to
+ * the storage (plus the entries before their piece). INDEX_T is the storage's index type; the pieces' are int32.
+ * index and value have room for `room` entries, key and pos for `keyed_room`: returns OVERFLOW before writing anything
+ * where the pieces do not fit, else 0. */
 #define DEFINE_APPEND(NAME, INDEX_T)                                                                              \
-    void NAME(int64_t pieces, const int32_t *const *src_index, const float *const *src_value,                     \
-              const int32_t *const *src_pos, const int32_t *const *src_key, const int64_t *count,                 \
-              const int64_t *keyed, INDEX_T *index, float *value, INDEX_T *pos, int32_t *key, int64_t n,          \
-              int64_t nkeyed, int64_t shift) {                                                                    \
+    int64_t NAME(int64_t pieces, const int32_t *const *src_index, const float *const *src_value,                  \
+                 const int32_t *const *src_pos, const int32_t *const *src_key, const int64_t *count,              \
+                 const int64_t *keyed, INDEX_T *index, float *value, INDEX_T *pos, int32_t *key, int64_t n,       \
+                 int64_t nkeyed, int64_t shift, int64_t room, int64_t keyed_room) {                               \
+        int64_t total = 0, total_keyed = 0;                                                                       \
+        for (int64_t p = 0; p < pieces; p++) {                                                                    \
+            if (count[p] < 0 || keyed[p] < 0 || keyed[p] > count[p])                                              \
+                return OVERFLOW;                                                                                  \
+            total += count[p];                                                                                    \
+            total_keyed += keyed[p];                                                                              \
+        }                                                                                                         \
+        if (n < 0 || nkeyed < 0 || total > room - n || total_keyed > keyed_room - nkeyed)                         \
+            return OVERFLOW;                                                                                      \
         for (int64_t p = 0; p < pieces; p++) {                                                                    \
             for (int64_t j = 0; j < count[p]; j++)                                                                \
                 index[n + j] = (INDEX_T)(src_index[p][j] + shift);                                                \
@@ -145,15 +172,20 @@ DEFINE_TERMS_ROW(f16, load_f16)
             n += count[p];                                                                                        \
             nkeyed += keyed[p];                                                                                   \
         }                                                                                                         \
+        return 0;                                                                                                 \
     }
 
 DEFINE_APPEND(append_i32, int32_t)
 DEFINE_APPEND(append_i64, int64_t)
 
 /* Stable in-place compaction of an (index, value) buffer: entries with keep[i] move to the front, in order; returns
- * how many were kept (the final cut of core selection, where nearly every entry is kept). */
+ * how many were kept (the final cut of core selection, where nearly every entry is kept). Entry i is only ever moved to
+ * a position ≤ i, so nothing is written past the first n entries; index and value have room for `room` entries:
+ * OVERFLOW, nothing written, where n exceeds it. */
 #define DEFINE_COMPACT(NAME, INDEX_T)                                                                             \
-    int64_t NAME(const uint8_t *keep, int64_t n, INDEX_T *index, float *value) {                                  \
+    int64_t NAME(const uint8_t *keep, int64_t n, INDEX_T *index, float *value, int64_t room) {                    \
+        if (n > room)                                                                                             \
+            return OVERFLOW;                                                                                      \
         int64_t out = 0;                                                                                          \
         for (int64_t i = 0; i < n; i++) {                                                                         \
             index[out] = index[i];                                                                                \
@@ -168,25 +200,27 @@ DEFINE_COMPACT(compact_i64, int64_t)
 
 /* The k-th largest key over `parts` (1 ≤ k ≤ their total; keys ≥ 0) and, in *above, how many keys exceed it: the
  * exact threshold of the buffer's cut as two histogram passes over the keys' 16-bit halves, instead of a selection
- * that moves them. `hist` is room for 65536 counts. */
+ * that moves them. `hist` is room for `bins` counts: OVERFLOW, nothing written, unless bins ≥ HIST_BINS. */
 int32_t kth_largest(const int32_t *const *parts, const int64_t *sizes, int64_t nparts, int64_t k, int64_t *hist,
-                    int64_t *above) {
-    int64_t before = 0, b = 65535;
-    memset(hist, 0, 65536 * sizeof *hist);
+                    int64_t bins, int64_t *above) {
+    if (bins < HIST_BINS)
+        return OVERFLOW;
+    int64_t before = 0, b = HIST_BINS - 1;
+    memset(hist, 0, HIST_BINS * sizeof *hist);
     for (int64_t p = 0; p < nparts; p++)
         for (int64_t i = 0; i < sizes[p]; i++)
             hist[(uint32_t)parts[p][i] >> 16]++;
     while (b > 0 && before + hist[b] < k)
         before += hist[b--];
     uint32_t high = (uint32_t)b;
-    memset(hist, 0, 65536 * sizeof *hist);
+    memset(hist, 0, HIST_BINS * sizeof *hist);
     for (int64_t p = 0; p < nparts; p++)
         for (int64_t i = 0; i < sizes[p]; i++) {
             uint32_t key = (uint32_t)parts[p][i];
             if (key >> 16 == high)
                 hist[key & 0xffffu]++;
         }
-    b = 65535;
+    b = HIST_BINS - 1;
     while (b > 0 && before + hist[b] < k)
         before += hist[b--];
     *above = before;

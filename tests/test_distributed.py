@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from dft_peft.kernels.select_core_torch import core_size, select_core_naive
 
+from dft_peft.selection.rule import core_size, select_core_naive
 from dft_peft.selection.sharded import Shard, gather_core, select_core_sharded
 
 WORLD = 2

@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from dft_peft.kernels.select_core_torch import select_core_naive
 from peft import get_peft_model
 from tiny_models import TOY_FACTS, tiny_llama, tiny_tokenizer
 
@@ -17,6 +16,7 @@ import dft_peft
 from dft_peft import EditArguments, edit
 from dft_peft.editing.training import EpochBatches
 from dft_peft.evaluation.metrics import target_token_accuracy
+from dft_peft.selection import select_core_naive
 from dft_peft.tuner.layer import DFTLayer
 
 TARGETS = ["q_proj", "up_proj", "down_proj"]

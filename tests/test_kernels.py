@@ -1,5 +1,5 @@
-"""Kernels against their references, bit for bit: Triton (interpreted on a CPU) and the streaming torch path against
-the naive selection, Triton scatter-merge against torch.
+"""Kernels against their references, bit for bit: Triton (interpreted on a CPU) and the streaming CPU path (C loop and
+torch pass) against the naive selection, the C loop against the torch pass, Triton scatter-merge against torch.
 
 Inputs are fresh random tensors on every run; each test prints its seed (shown on failure) and
 `DFT_PEFT_TEST_SEED=<seed>` replays it.
@@ -8,11 +8,17 @@ Inputs are fresh random tensors on every run; each test prints its seed (shown o
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import itertools
 import os
+import platform
 import random
+import re
 import shutil
+import subprocess
+import sys
+import warnings
 from collections.abc import Mapping
 
 import pytest
@@ -23,13 +29,18 @@ from dft_peft.kernels.scatter_merge_torch import (
     scatter_merge_torch,
     scatter_restore_torch,
 )
-from dft_peft.kernels.select_core_torch import select_core_naive, select_core_torch
+from dft_peft.kernels.select_core_torch import select_core_torch
 
+from dft_peft.selection.lazy import Terms
+from dft_peft.selection.rule import MAX_KEY, chunk_keys, select_core_naive
 from dft_peft.tuner.merge import HAS_TRITON, compose_weight, merged_values, scatter_merge, scatter_restore
 
 select_torch = importlib.import_module("dft_peft.kernels.select_core_torch")
+streaming = importlib.import_module("dft_peft.selection.streaming")
+sampling = importlib.import_module("dft_peft.selection.sampling")
 window_cpu = importlib.import_module("dft_peft.kernels.window_cpu")
-# The CPU path's chunk pass: the compiled C loop (where a C compiler is found) and the torch ops; both are checked.
+window_torch = importlib.import_module("dft_peft.kernels.window_torch")
+# The CPU path's chunk pass: the compiled C loop (where it can be built) and the torch ops; both are checked.
 CPU_KERNELS = ("c", "torch") if window_cpu.library() is not None else ("torch",)
 # (kernel, overlap): the C loop also with chunks split across threads and scored while the last one's entries are
 # stored (forced on small inputs by a small MIN_PART)
@@ -214,7 +225,7 @@ def test_select_k_zero_and_k_beyond_candidates(gen, select_triton):
         want = check_selection(new, old, 0.001, selection, select_triton)  # k = 0 (per module: 0 and 0)
         assert all(d.nnz == 0 and d.indices.dtype == torch.int32 for d in want.values())
         want = check_selection(new, old, 0.95, selection, select_triton)  # k ≥ candidates: all of them
-        candidates = sum(int((select_torch.chunk_keys(new[n], old[n])[0] > 0).sum()) for n in new)
+        candidates = sum(int((chunk_keys(new[n], old[n])[0] > 0).sum()) for n in new)
         assert sum(d.nnz for d in want.values()) == candidates
 
 
@@ -289,7 +300,7 @@ def test_select_triton_narrowing_passes(gen, select_triton, monkeypatch, window)
     """A side list too small for the window forces histogram narrowing; a misplaced sampled window forces the
     passes that search above or below it."""
     monkeypatch.setattr(select_triton, "SIDE_MIN", 64)
-    monkeypatch.setattr(select_torch, "SAMPLE", 128)
+    monkeypatch.setattr(sampling, "SAMPLE", 128)
     sampled = select_triton.sampled_window
 
     def misplaced(sample, k, total):
@@ -319,8 +330,8 @@ def test_select_lazy_mapping(gen, monkeypatch, kernel, overlap):
         monkeypatch.setattr(window_cpu, "MIN_PART", 64)
     monkeypatch.setattr(select_torch, "CHUNK", 128)
     cuts = []
-    add = select_torch._Buffer.add
-    monkeypatch.setattr(select_torch._Buffer, "add", lambda self, *a: cuts.append(add(self, *a)) or cuts[-1])
+    add = streaming.Buffer.add
+    monkeypatch.setattr(streaming.Buffer, "add", lambda self, *a: cuts.append(add(self, *a)) or cuts[-1])
     new, old = sized_deltas(gen, [(40, 50), (3000,), (25, 40)], levels=20)
     for selection in ("global", "per_module"):
         want = select_core_naive(new, old, 0.05, selection)
@@ -344,7 +355,7 @@ def test_select_range_readable_mapping_never_reads_a_whole_module(monkeypatch, s
     if overlap:
         monkeypatch.setattr(window_cpu, "MIN_PART", 32)
     if sampled:
-        monkeypatch.setattr(select_torch, "SAMPLE", 1024)
+        monkeypatch.setattr(sampling, "SAMPLE", 1024)
     new, old = sized_deltas(torch.Generator().manual_seed(0), [(40, 50), (3000,), (25, 40), (7, 300)])
     for selection in ("global", "per_module"):
         lazy_new, lazy_old = RangeReadDeltas(new), RangeReadDeltas(old)
@@ -359,7 +370,7 @@ def test_select_int64_indices(gen, monkeypatch, kernel):
     on small modules, with chunks smaller than the modules."""
     monkeypatch.setenv("DFT_PEFT_CPU_KERNEL", kernel)
     monkeypatch.setattr(select_torch, "CHUNK", 256)
-    monkeypatch.setattr(select_torch, "index_dtype", lambda numel: torch.int64)
+    monkeypatch.setattr(streaming, "index_dtype", lambda numel: torch.int64)
     new, old = random_deltas(gen, 5)
     for selection in ("global", "per_module"):
         got = select_core_torch(new, old, 0.1, selection)
@@ -399,8 +410,9 @@ def test_entries_grow_past_their_estimate(gen, monkeypatch, kernel, numel):
     for count in (3, 5, 900, 0, 40):
         index = torch.arange(count, dtype=torch.int32) * 2
         keyed = torch.randperm(count, generator=gen)[: count // 3].sort().values.int()
-        pieces.append((index, rand(gen, count), keyed, torch.randint(1, 99, (keyed.numel(),), dtype=torch.int32)))
-    entries = select_torch._Entries(module=0, numel=numel, device=torch.device("cpu"), track_pos=True)
+        pieces.append(window_cpu.Piece(index, rand(gen, count), keyed,
+                                       torch.randint(1, 99, (keyed.numel(),), dtype=torch.int32)))
+    entries = streaming.ModuleEntries(module=0, numel=numel, device=torch.device("cpu"), track_pos=True)
     for i, piece in enumerate(pieces):
         entries.append([piece], seen=numel - 1000 * (len(pieces) - i), shift=10 * i)
     assert len(calls) == (len(pieces) if kernel == "c" else 0)
@@ -411,11 +423,12 @@ def test_entries_grow_past_their_estimate(gen, monkeypatch, kernel, numel):
     assert torch.equal(vals, torch.cat([p[1] for p in pieces]))
     assert torch.equal(pos, torch.cat([p[2] + b for p, b in zip(pieces, before)]).to(pos.dtype))
     assert torch.equal(keys, torch.cat([p[3] for p in pieces]))
-    every = select_torch._Entries(module=1, numel=10, device=torch.device("cpu"), track_pos=False)
-    every.append([(torch.arange(4, dtype=torch.int32), rand(gen, 4), None, torch.ones(4, dtype=torch.int32))], 10, 0)
-    assert every.part()[3] is None and every.pos.numel() == 0
+    every = streaming.ModuleEntries(module=1, numel=10, device=torch.device("cpu"), track_pos=False)
+    every.append([window_cpu.Piece(torch.arange(4, dtype=torch.int32), rand(gen, 4), None,
+                                   torch.ones(4, dtype=torch.int32))], 10, 0)
+    assert every.part().pos is None and every.pos.numel() == 0
     # several pieces in one call (a chunk split across threads), positions not tracked
-    untracked = select_torch._Entries(module=2, numel=numel, device=torch.device("cpu"), track_pos=False)
+    untracked = streaming.ModuleEntries(module=2, numel=numel, device=torch.device("cpu"), track_pos=False)
     untracked.append(pieces, seen=numel, shift=7)
     _, idx, vals, pos, keys = untracked.part()
     assert pos is None and untracked.pos.numel() == 0
@@ -423,16 +436,6 @@ def test_entries_grow_past_their_estimate(gen, monkeypatch, kernel, numel):
     assert torch.equal(vals, torch.cat([p[1] for p in pieces]))
     assert torch.equal(keys, torch.cat([p[3] for p in pieces]))
     assert len(calls) == (len(pieces) + 1 if kernel == "c" else 0)
-
-
-def test_entries_refuse_more_than_the_module_holds(gen):
-    """A chunk with more entries than its module has elements (a broken lazy mapping) raises before anything is
-    written: the C append does not check bounds itself."""
-    entries = select_torch._Entries(module=0, numel=4, device=torch.device("cpu"), track_pos=True)
-    piece = (torch.arange(5, dtype=torch.int32), rand(gen, 5), torch.arange(5, dtype=torch.int32),
-             torch.ones(5, dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="more entries than its module has elements"):
-        entries.append([piece], seen=4, shift=0)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -444,11 +447,11 @@ def test_sampled_window_bounds_are_where_the_estimates_cross_the_target(seed):
     gen = torch.Generator().manual_seed(seed)
     runs, total = 40 + 30 * seed, 10**6
     scales = 10 ** (3 * torch.rand(runs, 1, generator=gen))
-    sample = (torch.rand(runs, select_torch.RUN, generator=gen) * scales * 1e-3).view(torch.int32)
+    sample = (torch.rand(runs, sampling.RUN, generator=gen) * scales * 1e-3).view(torch.int32)
     sample[torch.rand(sample.shape, generator=gen) < 0.4] = 0
     sample[-1, 10 * (seed % 5):] = -1
     k = int(total * (0.01 + 0.05 * seed))
-    lo, hi = select_torch.sampled_window(sample, k, total)
+    lo, hi = sampling.sampled_window(sample, k, total)
 
     def estimate(t: int, sign: float) -> float:  # the estimator, counted plainly
         sizes, counts = (sample >= 0).sum(1).double(), (sample >= t).sum(1).double()
@@ -456,26 +459,26 @@ def test_sampled_window_bounds_are_where_the_estimates_cross_the_target(seed):
         spread = float(((counts - p * sizes) ** 2).sum()) * runs / (runs - 1)
         return p + sign * (4 * spread**0.5 / float(sizes.sum()) + 8 / float(sizes.sum()))
 
-    assert 1 <= lo < hi <= select_torch.MAX_KEY + 1
+    assert 1 <= lo < hi <= MAX_KEY + 1
     if lo > 1:
         assert estimate(lo, -1.0) >= k / total > estimate(lo + 1, -1.0)
     else:
         assert estimate(2, -1.0) < k / total
-    if hi <= select_torch.MAX_KEY and hi > lo + 1:
+    if hi <= MAX_KEY and hi > lo + 1:
         assert estimate(hi - 1, 1.0) >= k / total > estimate(hi, 1.0)
 
 
 def test_in_memory_scopes_get_the_larger_sample(monkeypatch):
     """In-memory deltas are sampled up to SAMPLE_MAX elements (1/512 of the scope); a lazy mapping, where each run
     is a read, gets SAMPLE."""
-    monkeypatch.setattr(select_torch, "SAMPLE", 128)
-    monkeypatch.setattr(select_torch, "SAMPLE_MAX", 1024)
+    monkeypatch.setattr(sampling, "SAMPLE", 128)
+    monkeypatch.setattr(sampling, "SAMPLE_MAX", 1024)
     new, old = sized_deltas(torch.Generator().manual_seed(0), [(512, 800), (300, 512)])
     names, shapes = sorted(new), {n: tuple(t.shape) for n, t in new.items()}
-    in_memory = select_torch.sample_keys(names, new, old, shapes)
-    lazy = select_torch.sample_keys(names, RangeReadDeltas(new), RangeReadDeltas(old), shapes)
-    assert in_memory.shape == (1024 // select_torch.RUN, select_torch.RUN)
-    assert lazy.shape == (128 // select_torch.RUN, select_torch.RUN)
+    in_memory = sampling.sample_keys(names, new, old, shapes)
+    lazy = sampling.sample_keys(names, RangeReadDeltas(new), RangeReadDeltas(old), shapes)
+    assert in_memory.shape == (1024 // sampling.RUN, sampling.RUN)
+    assert lazy.shape == (128 // sampling.RUN, sampling.RUN)
 
 
 def test_sampled_window_allows_for_clustered_runs(monkeypatch):
@@ -483,8 +486,8 @@ def test_sampled_window_allows_for_clustered_runs(monkeypatch):
     must allow for it, so one pass suffices; the result is exact either way. (Counting the runs' elements as
     independent draws missed the threshold on some of these inputs.)"""
     passes = []
-    stream = select_torch._stream_pass
-    monkeypatch.setattr(select_torch, "_stream_pass", lambda *a, **kw: passes.append(1) or stream(*a, **kw))
+    run = streaming.StreamPass.run
+    monkeypatch.setattr(streaming.StreamPass, "run", lambda self: passes.append(1) or run(self))
     for seed in range(8):
         gen = torch.Generator().manual_seed(seed)
         new, old = {}, {}
@@ -500,18 +503,6 @@ def test_sampled_window_allows_for_clustered_runs(monkeypatch):
 # --- the CPU (torch) path's own machinery ----------------------------------------------------------------------
 
 
-def test_torch_compiled_chunk_function(gen, monkeypatch):
-    """The torch.compile'd chunk function (forced on) selects the same core (one small case: compiling takes s)."""
-    monkeypatch.setenv("DFT_PEFT_COMPILE", "1")
-    monkeypatch.setenv("DFT_PEFT_CPU_KERNEL", "torch")  # the compiled pass serves only where the C loop does not
-    if select_torch._window_fn(0) is select_torch.chunk_window:
-        pytest.skip("torch.compile is unavailable here")
-    new, old = random_deltas(gen, 4, max_numel=5000)
-    for selection in ("global", "per_module"):
-        assert_same_core(select_core_torch(new, old, 0.1, selection), select_core_naive(new, old, 0.1, selection),
-                         selection)
-
-
 @pytest.mark.parametrize(("kernel", "overlap"), CPU_KERNEL_MODES)
 @pytest.mark.parametrize("window", ["too_high", "too_low"])
 def test_torch_sampled_window_misses(gen, monkeypatch, window, kernel, overlap):
@@ -521,17 +512,17 @@ def test_torch_sampled_window_misses(gen, monkeypatch, window, kernel, overlap):
     if overlap:
         monkeypatch.setattr(window_cpu, "MIN_PART", 64)
     monkeypatch.setattr(select_torch, "CHUNK", 512)
-    monkeypatch.setattr(select_torch, "SAMPLE", 128)
-    sampled = select_torch.sampled_window
+    monkeypatch.setattr(sampling, "SAMPLE", 128)
+    sampled = streaming.sampled_window
 
     def misplaced(sample, k, total):
         lo, hi = sampled(sample, k, total)
         return (hi, 2 * hi - lo) if window == "too_high" else (max(1, lo // 2), lo)
 
-    monkeypatch.setattr(select_torch, "sampled_window", misplaced)
+    monkeypatch.setattr(streaming, "sampled_window", misplaced)
     passes, sures = [], []
-    stream = select_torch._stream_pass
-    monkeypatch.setattr(select_torch, "_stream_pass", lambda *a, **kw: passes.append(a[4]) or stream(*a, **kw))
+    run = streaming.StreamPass.run
+    monkeypatch.setattr(streaming.StreamPass, "run", lambda self: passes.append(1) or run(self))
     start = window_cpu.start_window
     monkeypatch.setattr(window_cpu, "start_window",
                         lambda *a, **kw: sures.append((a[1].data_ptr(), a[7], a[5])) or start(*a, **kw))
@@ -541,7 +532,7 @@ def test_torch_sampled_window_misses(gen, monkeypatch, window, kernel, overlap):
     assert len(passes) == (2 if window == "too_high" else 1)
     if overlap and window == "too_low":  # the chunk started before the cut was scored again, every entry keyed
         redone = [(a, b) for a, b in itertools.pairwise(sures)
-                  if a[:2] == b[:2] and a[2] <= select_torch.MAX_KEY and b[2] == select_torch.MAX_KEY + 1]
+                  if a[:2] == b[:2] and a[2] <= MAX_KEY and b[2] == MAX_KEY + 1]
         assert redone
 
 
@@ -568,7 +559,7 @@ def test_overlapped_chunk_is_finished_before_an_error_propagates(gen, monkeypatc
         calls.append(1)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(select_torch._Buffer, "add", failing_add)
+    monkeypatch.setattr(streaming.Buffer, "add", failing_add)
     new, old = sized_deltas(gen, [(60, 50), (3000,)])
     with pytest.raises(KeyboardInterrupt):
         select_core_torch(new, old, 0.05)
@@ -576,38 +567,161 @@ def test_overlapped_chunk_is_finished_before_an_error_propagates(gen, monkeypatc
 
 
 def test_c_loop_builds_where_a_compiler_exists():
-    """CI machines have a C compiler: the compiled CPU loop must build there, not silently fall back."""
-    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
-        pytest.skip("no C compiler on this machine")
-    assert window_cpu.library() is not None, window_cpu.unavailable_reason()
+    """CI machines have a C++ compiler driver and ninja: the C loop must build there, not silently fall back."""
+    if not (shutil.which(os.environ.get("CXX", "c++")) and shutil.which("ninja")):
+        pytest.skip("no compiler driver or no ninja on this machine")
+    assert window_cpu.status() == (True, None)
+
+
+BUILD_STATUS = "from dft_peft.kernels import window_cpu; print(window_cpu.status())"
 
 
 @pytest.mark.skipif("c" not in CPU_KERNELS, reason="the C loop cannot be built here")
-def test_c_loop_build_is_kept_for_later_processes(tmp_path, monkeypatch):
-    """The first build lands in the cache; a later process (module state reset) loads it without compiling."""
-    monkeypatch.setenv("DFT_PEFT_CACHE", str(tmp_path))
+def test_c_loop_build_is_kept_for_later_processes(tmp_path):
+    """A process builds the loop into torch's extension folder, for any processor of the architecture (no flag chosen
+    for the building machine; on x86-64 one clone per level); a later process loads that build without rebuilding."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    env.pop("DFT_PEFT_CPU_KERNEL", None)
+    first = subprocess.run([sys.executable, "-c", BUILD_STATUS], env=env, capture_output=True, text=True)
+    assert first.stdout.strip() == "(True, None)", first.stderr
+    (built,) = tmp_path.glob(f"{window_cpu.NAME}/*.so")
+    assert "-march=native" not in (built.parent / "build.ninja").read_text()
+    if platform.machine() == "x86_64":
+        assert b"window_f32_f32.arch_x86_64_v3" in built.read_bytes()
+    stamp = built.stat().st_mtime_ns
+    later = subprocess.run([sys.executable, "-c", BUILD_STATUS], env=env, capture_output=True, text=True)
+    assert later.stdout.strip() == "(True, None)", later.stderr
+    assert built.stat().st_mtime_ns == stamp
+
+
+def test_fallback_to_torch_warns_once_with_the_reason(gen, monkeypatch):
+    """Where the loop cannot be built, selection runs the torch pass (same bits) after one warning naming the reason;
+    `status()` gives that reason, and `DFT_PEFT_CPU_KERNEL=c` makes it an error."""
+    monkeypatch.delenv("DFT_PEFT_CPU_KERNEL", raising=False)
+
+    def no_compiler():
+        raise RuntimeError("Error building extension 'dft_peft_window_cpu'\n/bin/sh: 1: c++: not found")
+
+    monkeypatch.setattr(window_cpu, "_build", no_compiler)
     monkeypatch.setattr(window_cpu, "_library", None)
-    assert window_cpu.library() is not None
-    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
-    monkeypatch.setattr(window_cpu, "_library", None)
-    monkeypatch.setattr(window_cpu.subprocess, "run", lambda *a, **kw: pytest.fail("compiled again"))
-    new, old = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([-1.0, 1.0, 0.25])
-    pieces, _ = window_cpu.window(window_cpu.library(), new, old, *WHOLE_WINDOW, window_cpu.Scratch(3))
-    assert joined((pieces, False))[0].tolist() == [0, 1]
+    monkeypatch.setattr(window_cpu, "_error", None)
+    new, old = sized_deltas(gen, [(40, 50), (300,)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert_same_core(select_core_torch(new, old, 0.1), select_core_naive(new, old, 0.1), "fallback")
+    assert [str(w.message) for w in caught if w.category is RuntimeWarning] == [
+        "core selection's C loop is unavailable (Error building extension 'dft_peft_window_cpu' (/bin/sh: 1: c++: not "
+        "found)); selecting with torch ops, which is slower"]
+    reason = "Error building extension 'dft_peft_window_cpu' (/bin/sh: 1: c++: not found)"
+    assert window_cpu.status() == (False, reason)
+    monkeypatch.setenv("DFT_PEFT_CPU_KERNEL", "c")
+    with pytest.raises(RuntimeError, match=f"DFT_PEFT_CPU_KERNEL=c but .*{re.escape(reason)}"):
+        select_core_torch(new, old, 0.1)
 
 
-WHOLE_WINDOW = (1, select_torch.MAX_KEY, select_torch.MAX_KEY + 1, 1.0, 0)  # lo, hi, sure, scale, offset: all kept
+# --- the C loop's buffers: capacities are checked in C, and nothing is written past them -----------------------------
+
+GUARD = 64  # entries past each buffer that must stay untouched
+SENTINEL = -7
 
 
-def joined(got):
-    """(index, value, positions or None if all keyed, keys, NaN/inf seen) of `window_cpu.window`'s pieces."""
+def guarded(capacity: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a buffer of `capacity` entries filled with SENTINEL, the GUARD entries just past it in the same storage)."""
+    whole = torch.full((capacity + GUARD,), SENTINEL, dtype=dtype)
+    return whole[:capacity], whole[capacity:]
+
+
+def untouched(*tensors: torch.Tensor) -> bool:
+    return all(bool((t == SENTINEL).all()) for t in tensors)
+
+
+def guarded_scratch(capacity: int) -> tuple[object, list[torch.Tensor]]:
+    """A `window_cpu.Scratch` of `capacity` entries whose four arrays each have GUARD sentinels just past them."""
+    scratch, guards = window_cpu.Scratch(0), []
+    for field, dtype in (("index", torch.int32), ("value", torch.float32), ("pos", torch.int32),
+                         ("key", torch.int32)):
+        buffer, guard = guarded(capacity, dtype)
+        setattr(scratch, field, buffer)
+        guards.append(guard)
+    scratch.capacity = capacity
+    return scratch, guards
+
+
+@pytest.mark.skipif("c" not in CPU_KERNELS, reason="the C loop cannot be built here")
+@pytest.mark.parametrize("n", [1000, 3 * (1 << 16) + 17])  # one thread's part; parts on several threads
+def test_c_window_refuses_a_scratch_too_small_for_the_kept_entries(gen, monkeypatch, n):
+    """The scratch bounds the kept entries, not the chunk: a small one serves a narrow window (one thread), and one
+    entry fewer than a window keeps is an error with nothing written past it (a thread writes from its part's start
+    to the next part's)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    lib = window_cpu.library()
+    new, old = rand(gen, n), rand(gen, n)
+    keys = chunk_keys(new, old)[0]
+    kept = int((keys > 0).sum())
+    if n < 2 * window_cpu.MIN_PART:
+        top = int(keys.max())
+        scratch, guards = guarded_scratch(8)
+        narrow = window_cpu.window(lib, new, old, top, top, top + 1, 1.0, 0, scratch)  # the largest key only
+        assert joined(narrow)[0].tolist() == [int(keys.argmax())] and untouched(*guards)
+    scratch, guards = guarded_scratch(kept - 1)
+    with pytest.raises(BufferError, match="more entries than the scratch's room"):
+        window_cpu.window(lib, new, old, *WHOLE_WINDOW, scratch)
+    assert untouched(*guards)
+    enough = window_cpu.Scratch(kept if n < 2 * window_cpu.MIN_PART else n)
+    assert joined(window_cpu.window(lib, new, old, *WHOLE_WINDOW, enough))[0].numel() == kept
+
+
+@pytest.mark.skipif("c" not in CPU_KERNELS, reason="the C loop cannot be built here")
+@pytest.mark.parametrize("short", ["entries", "keyed"])
+def test_c_append_refuses_pieces_past_the_storage(gen, short):
+    """Pieces that do not fit a storage's room (for entries, or for keyed entries) are an error before anything is
+    written to it."""
+    lib = window_cpu.library()
+    pieces = [window_cpu.Piece(torch.arange(count, dtype=torch.int32), rand(gen, count),
+                               torch.arange(count // 2, dtype=torch.int32),
+                               torch.arange(1, count // 2 + 1, dtype=torch.int32)) for count in (5, 9)]
+    room, keyed_room = (14, 7) if short == "entries" else (15, 6)  # the pieces need 14 and 6, after 1 and 1 stored
+    index, index_guard = guarded(room, torch.int64)
+    value, value_guard = guarded(room, torch.float32)
+    pos, pos_guard = guarded(keyed_room, torch.int64)
+    key, key_guard = guarded(keyed_room, torch.int32)
+    with pytest.raises(BufferError, match="do not fit after entry 1"):
+        window_cpu.append(lib, pieces, index, value, pos, key, 1, 1, 0)
+    assert untouched(index, value, pos, key, index_guard, value_guard, pos_guard, key_guard)
+    exact = (guarded(n, t.dtype)[0] for n, t in ((14, index), (14, value), (6, pos), (6, key)))
+    window_cpu.append(lib, pieces, *exact, 0, 0, 0)  # room for exactly what the pieces hold
+
+
+@pytest.mark.skipif("c" not in CPU_KERNELS, reason="the C loop cannot be built here")
+def test_c_compact_and_kth_largest_refuse_short_buffers(gen):
+    """compact with a mask longer than the entries, and kth_largest with a histogram short of 65536 bins, are errors
+    with nothing written."""
+    lib = window_cpu.library()
+    index, index_guard = guarded(10, torch.int32)
+    value, value_guard = guarded(10, torch.float32)
+    with pytest.raises(BufferError, match="a mask of 11 entries over room for 10"):
+        window_cpu.compact(lib, torch.ones(11, dtype=torch.bool), index, value)
+    assert untouched(index, value, index_guard, value_guard)
+    keys = torch.randint(1, 1 << 30, (100,), generator=gen, dtype=torch.int32)
+    hist, guard = guarded(window_cpu.HIST_BINS - 1, torch.int64)
+    above = ctypes.c_int64(SENTINEL)
+    parts, sizes = (ctypes.c_void_p * 1)(keys.data_ptr()), (ctypes.c_int64 * 1)(keys.numel())
+    got = lib.kth_largest(parts, sizes, 1, 5, hist.data_ptr(), hist.numel(), ctypes.byref(above))
+    assert got == window_cpu.OVERFLOW and above.value == SENTINEL and untouched(hist, guard)
+
+
+WHOLE_WINDOW = (1, MAX_KEY, MAX_KEY + 1, 1.0, 0)  # lo, hi, sure, scale, offset: all kept
+
+
+def joined(got: window_cpu.Kept):
+    """(index, value, positions or None if all keyed, keys, NaN/inf seen) of a window pass's pieces, joined."""
     pieces, bad = got
-    before = [0, *itertools.accumulate(p[0].numel() for p in pieces)]
-    index, values, pos, keys = (torch.cat([p[f] for p in pieces] or [torch.empty(0, dtype=torch.int32)])
-                                for f in range(4))
-    if pieces:
-        values = torch.cat([p[1] for p in pieces])
-        pos = torch.cat([p[2] + b for p, b in zip(pieces, before)])
+    before = [0, *itertools.accumulate(len(p.index) for p in pieces)]
+    empty = torch.empty(0, dtype=torch.int32)
+    index, values, keys = (torch.cat([p[f] for p in pieces] or [empty]) for f in (0, 1, 3))
+    pos = torch.cat([(torch.arange(len(p.index)) if p.pos is None else p.pos) + b for p, b in zip(pieces, before)]
+                    or [empty])
     return index, values, None if keys.numel() == index.numel() else pos, keys, bad
 
 
@@ -616,7 +730,7 @@ def check_window(got, keys: torch.Tensor, delta: torch.Tensor, lo: int, hi: int,
     index, values, pos, got_keys, bad = joined(got)
     want = ((keys >= lo) & (keys <= hi)).nonzero().squeeze(1)
     want_pos = (keys[want] < sure).nonzero().squeeze(1)
-    assert not bad and index.dtype == torch.int32
+    assert not bad
     assert torch.equal(index.long(), want + offset)
     assert torch.equal(values.view(torch.int32), (delta[want] * 0.3).view(torch.int32))
     assert (pos is None) == (want_pos.numel() == want.numel())
@@ -627,7 +741,7 @@ def check_window(got, keys: torch.Tensor, delta: torch.Tensor, lo: int, hi: int,
 
 def window_bounds(keys: torch.Tensor) -> list[tuple[int, int, int]]:
     """(lo, hi, sure) triples: everything, keys exactly at both bounds, and `sure` inside, below and above."""
-    bounds = [(1, select_torch.MAX_KEY, select_torch.MAX_KEY + 1)]
+    bounds = [(1, MAX_KEY, MAX_KEY + 1)]
     present = keys[keys > 0]
     if present.numel():
         lo, hi, mid = int(present.min()), int(present.max()), int(present.median())
@@ -639,18 +753,21 @@ def window_bounds(keys: torch.Tensor) -> list[tuple[int, int, int]]:
 @pytest.mark.parametrize("new_dtype", FLOATS)
 @pytest.mark.parametrize("old_dtype", FLOATS)
 def test_c_loop_matches_torch_chunk_pass(gen, new_dtype, old_dtype):
-    """The C loop against the torch ops it replaces (keys, nonzero, gather, scale), every dtype pair, odd lengths,
-    keys exactly at both window bounds, zeros, subnormals and signs that agree."""
+    """The C loop and its reference `window_torch` against the torch ops of the rule (keys, nonzero, gather, scale),
+    every dtype pair, odd lengths, keys exactly at both window bounds, zeros, subnormals and signs that agree."""
     lib = window_cpu.library()
     n = int(torch.randint(1, 3000, (), generator=gen))
     new = rand(gen, n, dtype=new_dtype, levels=4)
     old = rand(gen, n, dtype=old_dtype, levels=4)
     new[: min(n, 3)] = torch.tensor([0.0, 1e-39, -2.0], dtype=torch.float64)[: min(n, 3)].to(new_dtype)
-    keys, _ = select_torch.chunk_keys(new, old)
+    keys, _ = chunk_keys(new, old)
     scratch = window_cpu.Scratch(n)
     for lo, hi, sure in window_bounds(keys):
         got = window_cpu.window(lib, new, old, lo, hi, sure, 0.3, 1000, scratch)
+        assert all(piece.index.dtype == torch.int32 for piece in got.pieces)
         check_window(got, keys, new.float(), lo, hi, sure, 1000)
+        check_window(window_torch.window_torch(new, old, lo, hi, sure, 0.3, 1000), keys, new.float(), lo, hi, sure,
+                     1000)
 
 
 @pytest.mark.skipif("c" not in CPU_KERNELS, reason="the C loop cannot be built here")
@@ -665,8 +782,8 @@ def test_c_terms_loop_matches_torch_subtraction(gen, tuned_dtype, base_dtype):
     new, old = ((base.float() + rand(gen, n, levels=64) * 1e-2).to(tuned_dtype) for _ in range(2))
     new[: n // 4] = base[: n // 4].to(tuned_dtype)
     assert window_cpu.usable_terms(new, old, base)
-    delta_new, delta_old = select_torch.Terms(new, base).delta(), select_torch.Terms(old, base).delta()
-    keys, _ = select_torch.chunk_keys(delta_new, delta_old)
+    delta_new, delta_old = Terms(new, base).delta(), Terms(old, base).delta()
+    keys, _ = chunk_keys(delta_new, delta_old)
     scratch = window_cpu.Scratch(n)
     for lo, hi, sure in window_bounds(keys):
         got = window_cpu.window(lib, new, old, lo, hi, sure, 0.3, 7, scratch, base)
@@ -697,7 +814,7 @@ def test_c_loop_flags_nonfinite_and_splits_across_threads(gen, bad):
     lib = window_cpu.library()
     n = 3 * window_cpu.MIN_PART + 17
     new, old = rand(gen, n), rand(gen, n)
-    keys = select_torch.chunk_keys(new, old)[0]
+    keys = chunk_keys(new, old)[0]
     scratch = window_cpu.Scratch(n)
     for lo, hi, sure in window_bounds(keys):
         check_window(window_cpu.window(lib, new, old, lo, hi, sure, 0.3, 5, scratch), keys, new, lo, hi, sure, 5)

@@ -8,17 +8,11 @@ from typing import Any
 import torch
 
 from ..format.sparse import SparseDelta
-from ..kernels.select_core_torch import (
-    SELECTIONS,
-    Terms,
-    chunk_keys,
-    core_size,
-    iter_chunk_pairs,
-    select_core_naive,
-    select_core_torch,
-)
+from ..kernels.select_core_torch import CHUNK, select_core_torch
 from ..tuner.merge import HAS_TRITON
-from .lazy import LazyDeltas, flat_range
+from .chunks import iter_chunk_pairs
+from .lazy import LazyDeltas, Terms, flat_range
+from .rule import SELECTIONS, chunk_keys, core_size, select_core_naive
 from .sharded import Shard, ShardedDeltas, gather_core, sum_over_ranks
 
 __all__ = [
@@ -91,8 +85,8 @@ def opposite_sign_fraction(new: Mapping[str, torch.Tensor], old: Mapping[str, to
     all ranks for `ShardedDeltas`."""
     candidates = total = 0
     for name in new:
-        pair = (new[name], old[name])
-        for _, new_chunk, old_chunk in iter_chunk_pairs(*(t.tensor if isinstance(t, Shard) else t for t in pair)):
+        pair = (t.tensor if isinstance(t, Shard) else t for t in (new[name], old[name]))
+        for _, new_chunk, old_chunk in iter_chunk_pairs(*pair, CHUNK):
             candidates += int((chunk_keys(new_chunk, old_chunk)[0] > 0).sum())
             total += new_chunk.numel()
     if isinstance(new, ShardedDeltas):

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import torch
 
-if TYPE_CHECKING:
-    from ..kernels.select_core_torch import Terms
+
+class Terms(NamedTuple):
+    """A delta chunk kept as its two terms, Δ = fp32(tuned) − base (rounded once, as torch subtracts a bf16/fp16/fp32
+    base from an fp32 tensor): what a lazy mapping's `read_terms` returns, so that the C loop subtracts as it scores
+    instead of the reader writing the deltas out."""
+
+    tuned: torch.Tensor
+    base: torch.Tensor
+
+    def delta(self) -> torch.Tensor:
+        tuned = self.tuned.to(self.base.device, torch.float32)
+        return (tuned.clone() if tuned is self.tuned else tuned).sub_(self.base)  # never into the caller's tensor
 
 
 class LazyDeltas(Mapping[str, torch.Tensor]):

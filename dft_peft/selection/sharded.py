@@ -2,7 +2,7 @@
 
 Each rank holds some modules whole (tensor/pipeline placement) and flat slices of others (FSDP-style flat sharding,
 unevenly cut; a rank may hold nothing). The result equals `select_core` on the whole deltas bit for bit (the rule is
-in `dft_peft.kernels.select_core_torch`), while no rank ever materialises more than one chunk's keys:
+in `dft_peft.selection.rule`), while no rank ever materialises more than one chunk's keys:
 
 1. every rank streams its shards in chunks and counts its candidates per key bin (key >> 16); the counts are
    `all_reduce`d, so every rank knows the bin holding the k-th largest key and how many keys lie above it;
@@ -29,17 +29,9 @@ import torch
 import torch.distributed as dist
 
 from ..format.sparse import SparseDelta, index_dtype
-from ..kernels.select_core_torch import (
-    CHUNK,
-    MAX_KEY,
-    check_deltas,
-    check_pair,
-    check_selection_args,
-    chunk_keys,
-    core_size,
-    iter_chunk_pairs,
-    raise_nonfinite,
-)
+from ..kernels.select_core_torch import CHUNK
+from .chunks import iter_chunk_pairs
+from .rule import MAX_KEY, check_deltas, check_pair, check_selection_args, chunk_keys, core_size, raise_nonfinite
 
 LOW_BITS = 16
 HIGH_BINS = (MAX_KEY >> LOW_BITS) + 1
