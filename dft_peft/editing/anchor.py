@@ -12,7 +12,8 @@ from ..evaluation.metrics import module_mode
 
 
 class OutputAnchor:
-    """`count` texts of `length` tokens sampled from the model itself (seeded) from its beginning-of-text token, and
+    """`count` texts of `length` tokens sampled from the model itself (seeded) from its beginning-of-text token (the
+    end-of-text or pad token where it has none), and
     its log-probabilities on them (`(count, length, vocab)`, stored in bfloat16).
 
     `kl(logits)` is the mean per-token KL(anchor ‖ now) of logits the model gives now on `input_ids`: zero for the
@@ -21,10 +22,11 @@ class OutputAnchor:
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, count: int, length: int,
                  seed: int) -> None:
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        start = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+                      if t is not None), None)
         if start is None:
             raise ValueError("an output anchor samples text from the beginning-of-text token, and this tokenizer "
-                             "has neither a BOS nor an EOS token; set preserve_weight=0")
+                             "has no BOS, EOS or pad token; set EditArguments.preserve_weight=0")
         device = next(model.parameters()).device
         with module_mode(model, training=False), torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

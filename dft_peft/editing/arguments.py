@@ -41,10 +41,11 @@ class EditArguments:
     lora_r: int = field(default=8, metadata={"check": "positive_int", "help": "LoRA rank (delta_source 'lora')."})
     lora_alpha: float = field(default=16.0, metadata={"check": "positive", "help": "LoRA alpha (delta_source "
                                                                                    "'lora')."})
-    preserve_weight: float = field(default=0.0, metadata={
+    preserve_weight: float = field(default=1.0, metadata={
         "check": "non_negative",
         "help": "Weight of a KL term that holds the model's next-token distributions, on text it sampled itself "
-                "before the edit, while the core's values train (0: off)."})
+                "before the edit, while the core's values train (0: off; 1 chosen on the zsRE tuning split, where it "
+                "kept 77.5 locality against 62.4 without it at the same reliability)."})
     preserve_texts: int = field(default=16, metadata={
         "check": "positive_int", "help": "Texts the model samples for that term (preserve_weight > 0)."})
     preserve_length: int = field(default=32, metadata={

@@ -139,8 +139,9 @@ def _run(
                 raise ValueError(f"the model generated no answer to {prompts[i]!r}; give its target_old explicitly")
             old_answers[i] = answer
         report.old_answers = old_answers
+        trains_core = args.strategy == "locate_once" and args.max_rounds > 1  # the anchor holds core training
         anchor = (OutputAnchor(peft_model, tokenizer, args.preserve_texts, args.preserve_length, args.seed)
-                  if args.preserve_weight > 0 else None)
+                  if args.preserve_weight > 0 and trains_core else None)
 
         gen = torch.Generator().manual_seed(args.seed)
         old_epochs = args.old_epochs or args.epochs
