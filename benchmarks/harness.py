@@ -33,6 +33,7 @@ from dft_peft import (  # noqa: F401 (re-exported)
     evaluate,
     load_requests,
     locality_reference,
+    to_requests,
 )
 from dft_peft.editing.old_answers import generate_old_answers  # noqa: F401 (re-exported)
 from dft_peft.editing.training import EpochBatches, ModelLoss, train  # noqa: F401 (re-exported)
@@ -76,7 +77,7 @@ class Splits:
 
     @classmethod
     def of(cls, path: Path, fmt: str) -> Splits:
-        requests = load_requests(path, format=fmt, skip_invalid=True)
+        requests = to_requests(load_requests(path, format=fmt, skip_invalid=True))
         if fmt == "counterfact":
             positions = file_positions(path, fmt, requests)
             requests = [r for r, p in zip(requests, positions) if p in COUNTERFACT_ELIGIBLE]

@@ -11,7 +11,7 @@ from .editing.report import EditReport, RoundReport
 from .editing.rounds import edit
 from .evaluation.analysis import inspect_edit
 from .evaluation.metrics import EditMetrics, evaluate, locality_reference
-from .evaluation.requests import EditRequest, load_requests
+from .evaluation.requests import EditRequest, load_requests, save_requests, to_requests
 from .format.sparse import SparseDelta
 from .selection import Shard, gather_core, select_core
 from .tuner.config import DFTConfig
@@ -40,5 +40,7 @@ __all__ = [
     "inspect_edit",
     "load_requests",
     "locality_reference",
+    "save_requests",
     "select_core",
+    "to_requests",
 ]

@@ -12,11 +12,13 @@ import pytest
 
 from dft_peft.evaluation.requests import (
     EditRequest,
+    as_dataset,
     as_requests,
     demo_requests,
     load_requests,
     requests_from_dicts,
     save_requests,
+    to_requests,
 )
 
 DATA_DIR = Path(os.environ.get("DFT_PEFT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -48,6 +50,13 @@ EXPECTED_COUNTERFACT = [
     EditRequest("Tomas Ekdal speaks", "Basque", "Swedish", "The native language of Tomas Ekdal is",
                 "Greta Lind speaks", "Swedish", "Tomas Ekdal"),
 ]
+def loaded(*args, **kwargs) -> list[EditRequest]:
+    """`load_requests`' Dataset checked against its schema and turned into requests, for comparisons."""
+    dataset = load_requests(*args, **kwargs)
+    assert list(dataset.column_names) == [f.name for f in dataclasses.fields(EditRequest)]
+    return to_requests(dataset)
+
+
 MANY = [{"prompt": f"Question {i}?", "target_new": f"answer {i}"} for i in range(20)]
 
 
@@ -63,12 +72,12 @@ def write_jsonl(path: Path, records) -> Path:
 
 @pytest.mark.parametrize("fmt", ["zsre", "auto"])
 def test_zsre(tmp_path, fmt):
-    assert load_requests(write_json(tmp_path / "z.json", ZSRE), format=fmt) == EXPECTED_ZSRE
+    assert loaded(write_json(tmp_path / "z.json", ZSRE), format=fmt) == EXPECTED_ZSRE
 
 
 @pytest.mark.parametrize("fmt", ["counterfact", "auto"])
 def test_counterfact(tmp_path, fmt):
-    assert load_requests(write_json(tmp_path / "c.json", COUNTERFACT), format=fmt) == EXPECTED_COUNTERFACT
+    assert loaded(write_json(tmp_path / "c.json", COUNTERFACT), format=fmt) == EXPECTED_COUNTERFACT
 
 
 @pytest.mark.parametrize("writer", [write_json, write_jsonl])
@@ -76,24 +85,24 @@ def test_counterfact(tmp_path, fmt):
 def test_request_schema_json_and_jsonl(tmp_path, writer, fmt):
     records = [dataclasses.asdict(r) for r in EXPECTED_ZSRE] + [{"prompt": "Only a prompt?", "target_new": "yes"}]
     expected = [*EXPECTED_ZSRE, EditRequest("Only a prompt?", "yes")]
-    assert load_requests(writer(tmp_path / "r.json", records), format=fmt) == expected
+    assert loaded(writer(tmp_path / "r.json", records), format=fmt) == expected
 
 
 def test_zsre_and_counterfact_as_jsonl(tmp_path):
-    assert load_requests(write_jsonl(tmp_path / "z.jsonl", ZSRE)) == EXPECTED_ZSRE
-    assert load_requests(write_jsonl(tmp_path / "c.jsonl", COUNTERFACT)) == EXPECTED_COUNTERFACT
+    assert loaded(write_jsonl(tmp_path / "z.jsonl", ZSRE)) == EXPECTED_ZSRE
+    assert loaded(write_jsonl(tmp_path / "c.jsonl", COUNTERFACT)) == EXPECTED_COUNTERFACT
 
 
 def test_save_then_load_round_trips(tmp_path):
     requests = [*EXPECTED_COUNTERFACT, EditRequest("Is this ünïcode?", "ja")]
     save_requests(requests, tmp_path / "out.jsonl")
-    assert load_requests(tmp_path / "out.jsonl") == requests
+    assert loaded(tmp_path / "out.jsonl") == requests
     assert len((tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()) == 3
 
 
 def test_path_with_glob_characters(tmp_path):
     # `datasets.load_dataset` would read `[1]` as a glob pattern; the loader takes paths literally.
-    assert load_requests(write_json(tmp_path / "run[1].json", COUNTERFACT)) == EXPECTED_COUNTERFACT
+    assert loaded(write_json(tmp_path / "run[1].json", COUNTERFACT)) == EXPECTED_COUNTERFACT
 
 
 def test_requests_from_dicts():
@@ -104,29 +113,29 @@ def test_requests_from_dicts():
 
 def test_first_n(tmp_path):
     path = write_json(tmp_path / "many.json", MANY)
-    assert [r.prompt for r in load_requests(path, n=3)] == ["Question 0?", "Question 1?", "Question 2?"]
+    assert [r.prompt for r in loaded(path, n=3)] == ["Question 0?", "Question 1?", "Question 2?"]
 
 
 def test_seeded_sample(tmp_path):
     path = write_json(tmp_path / "many.json", MANY)
-    sample = load_requests(path, n=5, seed=3)
-    assert sample == load_requests(path, n=5, seed=3)
-    assert sample != load_requests(path, n=5, seed=4)
+    sample = loaded(path, n=5, seed=3)
+    assert sample == loaded(path, n=5, seed=3)
+    assert sample != loaded(path, n=5, seed=4)
     assert len(set(sample)) == 5 and set(sample) <= set(requests_from_dicts(MANY))
     everything = requests_from_dicts(MANY)
-    shuffled = load_requests(path, seed=3)  # no n: all requests, in seeded order
+    shuffled = loaded(path, seed=3)  # no n: all requests, in seeded order
     assert shuffled != everything and sorted(shuffled, key=everything.index) == everything
 
 
 @pytest.mark.parametrize("n", [0, -1, 1.5, True])
 def test_bad_n(tmp_path, n):
     with pytest.raises(ValueError, match="n must be a positive integer"):
-        load_requests(write_json(tmp_path / "many.json", MANY), n=n)
+        loaded(write_json(tmp_path / "many.json", MANY), n=n)
 
 
 def test_n_larger_than_file(tmp_path):
     with pytest.raises(ValueError, match=r"n=21 .* only 20"):
-        load_requests(write_json(tmp_path / "many.json", MANY), n=21)
+        loaded(write_json(tmp_path / "many.json", MANY), n=21)
 
 
 @pytest.mark.parametrize(
@@ -145,7 +154,7 @@ def test_bad_files(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ValueError, match=message) as info:
-        load_requests(path)
+        loaded(path)
     assert str(path) in str(info.value)
 
 
@@ -165,23 +174,23 @@ def test_bad_files(tmp_path, content, message):
 def test_bad_records(tmp_path, fmt, records, message):
     path = write_json(tmp_path / "bad.json", records)
     with pytest.raises(ValueError, match=message) as info:
-        load_requests(path, format=fmt)
+        loaded(path, format=fmt)
     assert str(path) in str(info.value) and "skip_invalid=True" in str(info.value)
 
 
 def test_unknown_format(tmp_path):
     with pytest.raises(ValueError, match="Unknown format 'mend'"):
-        load_requests(write_json(tmp_path / "z.json", ZSRE), format="mend")
+        loaded(write_json(tmp_path / "z.json", ZSRE), format="mend")
 
 
 def test_skip_invalid(tmp_path, caplog):
     records = [ZSRE[0], {**ZSRE[1], "alt": ""}, "not a record", ZSRE[1]]
     path = write_json(tmp_path / "z.json", records)
     with caplog.at_level(logging.WARNING, logger="dft_peft.evaluation.requests"):
-        assert load_requests(path, format="zsre", skip_invalid=True) == EXPECTED_ZSRE
+        assert loaded(path, format="zsre", skip_invalid=True) == EXPECTED_ZSRE
     assert "skipped 2 invalid record(s): [1, 2]" in caplog.text
     with pytest.raises(ValueError, match="no valid records"):
-        load_requests(write_json(tmp_path / "none.json", [{"src": "a?", "alt": ""}]), skip_invalid=True)
+        loaded(write_json(tmp_path / "none.json", [{"src": "a?", "alt": ""}]), skip_invalid=True)
 
 
 @pytest.mark.parametrize(
@@ -222,21 +231,21 @@ def test_real_benchmark_files():
     # Two MEND zsRE records have an empty `alt`: strict loading names the first, skip_invalid drops both.
     bad = [i for i, r in enumerate(raw_zsre) if not r["alt"].strip()]
     with pytest.raises(ValueError, match=rf"record\[{bad[0]}\]: 'alt' must be a non-empty string"):
-        load_requests(zsre_path)
-    zsre = load_requests(zsre_path, skip_invalid=True)
+        loaded(zsre_path)
+    zsre = loaded(zsre_path, skip_invalid=True)
     assert len(zsre) == len(raw_zsre) - len(bad)
     assert all(None not in dataclasses.astuple(r) for r in zsre)
     first = raw_zsre[0]
     assert zsre[0] == EditRequest(first["src"], first["alt"], first["pred"], first["rephrase"], first["loc"],
                                   first["loc_ans"], first["subject"])
 
-    counterfact = load_requests(counterfact_path)
+    counterfact = loaded(counterfact_path)
     raw = json.loads(counterfact_path.read_text(encoding="utf-8"))
     assert len(counterfact) == len(raw)
     assert all(None not in dataclasses.astuple(r) for r in counterfact)
     assert [r.prompt for r in counterfact[:3]] == [r["prompt"].strip() for r in raw[:3]]
     assert counterfact[0].target_old == raw[0]["ground_truth"] and counterfact[0].rephrase == raw[0]["rephrase_prompt"]
-    assert load_requests(counterfact_path, n=50, seed=0) == load_requests(counterfact_path, format="counterfact",
+    assert loaded(counterfact_path, n=50, seed=0) == loaded(counterfact_path, format="counterfact",
                                                                           n=50, seed=0)
 
 
@@ -262,5 +271,12 @@ def test_unreadable_files_raise_value_errors_naming_the_file(tmp_path, content, 
     path = tmp_path / "bad.json"
     path.write_bytes(content)
     with pytest.raises(ValueError, match=message) as caught:
-        load_requests(path)
+        loaded(path)
     assert str(path) in str(caught.value)
+
+
+def test_edit_and_evaluate_take_a_dataset():
+    requests = [EditRequest("The capital of Vardenia is", "Lisk", subject="Vardenia")]
+    dataset = as_dataset(requests)
+    assert as_requests(dataset, "edit") == requests == to_requests(dataset)
+    assert to_requests(dataset.to_list()) == requests

@@ -28,7 +28,7 @@ import torch
 
 from baselines import EDITORS, ValueSettings, make_editor
 from baselines.causal_trace import trace_mlps
-from dft_peft import evaluate, load_requests, locality_reference
+from dft_peft import evaluate, load_requests, locality_reference, to_requests
 from dft_peft.models import load_model
 
 ZSRE = Path(__file__).resolve().parents[3] / "shared" / "data" / "zsre_mend-800.json"
@@ -47,7 +47,7 @@ HYPERPARAMS: dict[str, dict] = {
 
 def requests_for(split: str, n: int) -> list:
     """`n` zsRE requests of the scored split or of the tuning split (the rest of the pool), seeded."""
-    requests = load_requests(ZSRE, format="zsre", skip_invalid=True)
+    requests = to_requests(load_requests(ZSRE, format="zsre", skip_invalid=True))
     order = torch.randperm(len(requests), generator=torch.Generator().manual_seed(PERMUTATION_SEED)).tolist()
     pool = order[:POOL]
     scored = random.Random(SAMPLE_SEED).sample(pool, n if split == "scored" else 30)

@@ -21,7 +21,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..evaluation.metrics import METRICS, EditMetrics
-from ..evaluation.requests import EditRequest, load_requests
+from ..evaluation.requests import EditRequest, load_requests, to_requests
 from ..format.edit_file import WEIGHTS_NAME
 from ..models import SMOLLM2, load_model
 from ..tuner.config import VALUE_DTYPES, DFTConfig
@@ -163,7 +163,7 @@ def read_requests(ns: argparse.Namespace) -> list[EditRequest]:
     path = Path(ns.data)
     if not path.is_file():
         raise ValueError(f"data file {path} does not exist" if not path.exists() else f"{path} is not a file")
-    requests = list(load_requests(path, ns.format, ns.n, ns.sample_seed, skip_invalid=ns.skip_invalid))
+    requests = to_requests(load_requests(path, ns.format, ns.n, ns.sample_seed, skip_invalid=ns.skip_invalid))
     print(f"Loaded {len(requests)} edit request(s) from {path}")
     return requests
 

@@ -13,6 +13,8 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import datasets
+
 logger = logging.getLogger(__name__)
 
 Format = Literal["auto", "zsre", "counterfact", "json"]
@@ -145,8 +147,9 @@ def requests_from_dicts(records: Iterable[Mapping[str, Any]]) -> list[EditReques
     return _convert(list(records), "json", None)
 
 
-def as_requests(requests: Iterable[EditRequest | Mapping[str, Any]], caller: str) -> list[EditRequest]:
-    """`EditRequest`s as given, dicts in the request schema converted; an empty list is an error."""
+def as_requests(requests: datasets.Dataset | Iterable[EditRequest | Mapping[str, Any]],
+                caller: str) -> list[EditRequest]:
+    """`EditRequest`s as given, dicts in the request schema (a `Dataset`'s rows) converted; none is an error."""
     requests = list(requests)
     if not requests:
         raise ValueError(f"{caller} needs at least one request")
@@ -192,8 +195,10 @@ def load_requests(
     seed: int | None = None,
     *,
     skip_invalid: bool = False,
-) -> list[EditRequest]:
-    """Load edit requests from a JSON-list or JSONL file.
+) -> datasets.Dataset:
+    """Load edit requests from a JSON-list or JSONL file into a `datasets.Dataset` whose columns are the request
+    schema (`EditRequest`'s fields, strings or None): what `edit` and `evaluate` take, and `to_requests` turns into
+    `EditRequest`s.
 
     Args:
         path: The file.
@@ -236,14 +241,27 @@ def load_requests(
     if n is not None and n > len(requests):
         raise ValueError(f"{path}: asked for n={n} requests but it holds only {len(requests)} valid ones")
     if seed is not None:
-        return random.Random(seed).sample(requests, len(requests) if n is None else n)
-    return requests if n is None else requests[:n]
+        requests = random.Random(seed).sample(requests, len(requests) if n is None else n)
+    elif n is not None:
+        requests = requests[:n]
+    return as_dataset(requests)
 
 
-def save_requests(requests: Iterable[EditRequest], path: str | PathLike[str]) -> None:
+def as_dataset(requests: Iterable[EditRequest]) -> datasets.Dataset:
+    """The requests as a `datasets.Dataset` with one string column per request field (None where absent)."""
+    features = datasets.Features({name: datasets.Value("string") for name in REQUEST_FIELDS})
+    return datasets.Dataset.from_list([dataclasses.asdict(r) for r in requests], features=features)
+
+
+def to_requests(data: datasets.Dataset | Iterable[EditRequest | Mapping[str, Any]]) -> list[EditRequest]:
+    """`EditRequest`s from a `Dataset` with the request columns, a list of requests or a list of dicts."""
+    return as_requests(data, "to_requests")
+
+
+def save_requests(requests: datasets.Dataset | Iterable[EditRequest], path: str | PathLike[str]) -> None:
     """Write requests as JSON Lines in the request schema (readable by `load_requests`, format "json" or "auto")."""
     with open(path, "w", encoding="utf-8") as f:
-        for request in requests:
+        for request in to_requests(requests):
             f.write(json.dumps(dataclasses.asdict(request), ensure_ascii=False) + "\n")
 
 
