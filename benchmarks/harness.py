@@ -37,7 +37,13 @@ from dft_peft import (  # noqa: F401 (re-exported)
 )
 from dft_peft.editing.old_answers import generate_old_answers  # noqa: F401 (re-exported)
 from dft_peft.editing.training import EpochBatches, ModelLoss, train  # noqa: F401 (re-exported)
-from dft_peft.evaluation.metrics import encode_pairs, module_mode, target_token_accuracy  # noqa: F401 (re-exported)
+from dft_peft.evaluation.metrics import (  # noqa: F401 (re-exported)
+    encode_pairs,
+    encode_text,
+    module_mode,
+    padded,
+    target_token_accuracy,
+)
 from dft_peft.models import load_model  # noqa: F401 (re-exported)
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"

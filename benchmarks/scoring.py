@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from harness import EditRequest, evaluate, locality_reference, module_mode
+from harness import EditRequest, evaluate, locality_reference, module_mode, padded
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -82,12 +82,8 @@ def greedy_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     with module_mode(model, training=False), torch.no_grad():
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            for row, i in enumerate(batch):
-                input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                attention_mask[row, width - len(encoded[i]) :] = 1
+            input_ids, attention_mask = padded([encoded[i] for i in batch], pad, left=True)
+            width = input_ids.shape[1]
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                  max_new_tokens=max(budgets[i] for i in batch), do_sample=False, pad_token_id=pad)
             for row, i in enumerate(batch):
@@ -115,12 +111,7 @@ class CapabilityProbe:
         with module_mode(model, training=False), torch.no_grad():
             for start in range(0, len(self.ids), self.batch_size):
                 rows = self.ids[start : start + self.batch_size]
-                width = max(len(ids) for ids in rows)
-                input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                attention_mask = torch.zeros_like(input_ids)
-                for r, ids in enumerate(rows):
-                    input_ids[r, : len(ids)] = torch.tensor(ids)
-                    attention_mask[r, : len(ids)] = 1
+                input_ids, attention_mask = padded(rows, pad)
                 output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
                 logits = output.logits.float().cpu()
                 for r, ids in enumerate(rows):

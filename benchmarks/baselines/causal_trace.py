@@ -14,12 +14,13 @@ import statistics
 from collections.abc import Sequence
 
 import torch
+from harness import encode_text as encode
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from dft_peft import EditRequest
 
-from .locate_edit import Capture, check_subjects, decoder_layers, down_proj, encode
+from .locate_edit import Capture, check_subjects, decoder_layers, down_proj
 
 
 class NoiseAt:

@@ -23,13 +23,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from harness import encode_text as encode
+from harness import padded
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .locate_edit import Capture, StopForward, down_proj, encode, pad_id
+from .locate_edit import Capture, StopForward, down_proj, pad_id
 
 DEFAULT_CACHE = Path.home() / ".cache" / "dft_peft" / "baselines"
 COUNTERFACT = Path(__file__).resolve().parents[3] / "shared" / "data" / "counterfact-edit-10k.json"
@@ -139,17 +141,11 @@ class KeyStatistics:
         try:
             with torch.no_grad():
                 for start in tqdm(range(0, len(sequences), batch_size), desc=f"key statistics, layers {layers}"):
-                    chunk = sequences[start : start + batch_size]
-                    width = max(len(ids) for ids in chunk)
-                    input_ids = torch.full((len(chunk), width), pad_id(tokenizer), dtype=torch.long)
-                    mask = torch.zeros_like(input_ids, dtype=torch.bool)
-                    for row, ids in enumerate(chunk):
-                        input_ids[row, : len(ids)] = torch.tensor(ids)
-                        mask[row, : len(ids)] = True
+                    input_ids, attention = padded(sequences[start : start + batch_size], pad_id(tokenizer))
                     for acc in accumulators.values():
-                        acc.mask = mask
+                        acc.mask = attention.bool()
                     with contextlib.suppress(StopForward):
-                        model(input_ids=input_ids, attention_mask=mask.long())
+                        model(input_ids=input_ids, attention_mask=attention)
         finally:
             for hook in hooks:
                 hook.remove()

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from harness import EditRequest, padded
+from harness import encode_text as encode
 from torch import nn
 from transformers import PreTrainedTokenizerBase
-
-from dft_peft import EditRequest
 
 # ROME's prefixes start from these words; the model writes the rest (seeded), so keys and values generalise over
 # the text in front of the prompt.
@@ -58,16 +58,6 @@ def check_subjects(requests: Sequence[EditRequest]) -> None:
                              "MEMIT and AlphaEdit edit at the subject's last token and need one")
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """`text`'s token ids with the tokenizer's leading special tokens (a BOS) and without trailing ones (an EOS)."""
-    ids = tokenizer(text)["input_ids"]
-    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
-    for start in range(len(ids) - len(plain) + 1):
-        if ids[start : start + len(plain)] == plain:
-            return ids[: start + len(plain)]
-    return ids
-
-
 def context_templates(model: nn.Module, tokenizer: PreTrainedTokenizerBase, count: int, length: int,
                       seed: int) -> list[str]:
     """`"{}"` plus `count` model-written prefixes of `length` tokens, each ending in `". {}"` (ROME's templates)."""
@@ -95,12 +85,7 @@ class Batch:
 
     @classmethod
     def build(cls, sequences: Sequence[list[int]], positions: Sequence[int], pad_id: int) -> Batch:
-        width = max(len(ids) for ids in sequences)
-        input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(sequences):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
+        input_ids, mask = padded(sequences, pad_id)
         return cls(input_ids, mask, torch.tensor(list(positions)))
 
 

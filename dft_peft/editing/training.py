@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..evaluation.metrics import encode_pairs
+from ..evaluation.metrics import encode_pairs, padded
 
 IGNORE_INDEX = -100
 Batch = dict[str, torch.Tensor]
@@ -38,13 +38,9 @@ class EpochBatches:
         batches = []
         for start in range(0, len(order), self.batch_size):
             rows = [self.encoded[i] for i in order[start : start + self.batch_size]]
-            width = max(len(ids) for ids, _ in rows)
-            input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
+            input_ids, attention_mask = padded([ids for ids, _ in rows], self.pad_id)
             labels = torch.full_like(input_ids, IGNORE_INDEX)
             for r, (ids, n_prompt) in enumerate(rows):
-                input_ids[r, : len(ids)] = torch.tensor(ids)
-                attention_mask[r, : len(ids)] = 1
                 labels[r, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
             batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
         return batches

@@ -81,7 +81,20 @@ def module_mode(model: nn.Module, training: bool) -> Iterator[None]:
             module.training = training
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+def padded(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token id lists padded to one width, on the right (or the left, for generation,
+    where every row must end at the last column)."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(sequences):
+        columns = slice(width - len(ids), width) if left else slice(0, len(ids))
+        input_ids[row, columns] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, columns] = 1
+    return input_ids, attention_mask
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """`text`'s ids as the model reads them: with any special tokens the tokenizer puts in front (a BOS), without
     those it appends (an EOS is no part of an answer; scored, it would count predicting end-of-text after it)."""
     ids = tokenizer(text)["input_ids"]
@@ -108,8 +121,8 @@ def encode_pairs(
     for prompt, target in zip(prompts, targets):
         if not prompt.strip() or not target.strip():
             raise ValueError(f"Empty prompt or target in the pair ({prompt!r}, {target!r})")
-        prompt_ids = _encode(tokenizer, prompt)
-        ids = _encode(tokenizer, f"{prompt} {target}")
+        prompt_ids = encode_text(tokenizer, prompt)
+        ids = encode_text(tokenizer, f"{prompt} {target}")
         if not prompt_ids:
             raise ValueError(f"The prompt {prompt!r} tokenizes to nothing: no position predicts the target's start")
         if len(ids) <= len(prompt_ids):
@@ -154,13 +167,7 @@ def _argmax_at_targets(
     predictions: list[list[int]] = [[] for _ in encoded]
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        width = max(len(encoded[i][0]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, i in enumerate(batch):
-            ids = encoded[i][0]
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
+        input_ids, attention_mask = padded([encoded[i][0] for i in batch], pad_id)
         output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
         logits = output if isinstance(output, torch.Tensor) else output.logits
         argmax = logits.argmax(dim=-1).cpu()
