@@ -13,15 +13,21 @@ is the report pool, from which every reported run draws.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
-import resource
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from memory import peak_rss_mib
+from torch import nn
 
 # --- dft_peft: its public API, and the internals the benchmarks use (imported here only) -------------------------
 from dft_peft import (  # noqa: F401 (re-exported)
@@ -44,7 +50,7 @@ from dft_peft.evaluation.metrics import (  # noqa: F401 (re-exported)
     padded,
     target_token_accuracy,
 )
-from dft_peft.models import load_model  # noqa: F401 (re-exported)
+from dft_peft.models import load_model
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATASETS = {"zsre": "zsre_mend-800.json", "counterfact": "counterfact-edit-10k.json"}
@@ -132,6 +138,32 @@ def probe_description(positions: range) -> str:
             f"prompt + ground_truth and locality_prompt + locality_ground_truth, {2 * len(positions)} texts")
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def execute(args: Any, run: Callable[[Any, nn.Module, Any], dict], write_outputs: Callable[[Path, dict], None],
+            config: dict) -> int:
+    """A benchmark script's run: load the model with `args.threads` torch threads, `run(args, model, tokenizer)`,
+    then write its results to `args.out` with `config`, the run's seconds and its peak memory, and print them."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base, tokenizer = load_model(args.model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = run(args, base, tokenizer)
+    results["config"] = {**config, "total_seconds": time.perf_counter() - started, "peak_rss_mib": peak_rss_mib()}
+    write_outputs(args.out, results)
+    print((args.out / "results.md").read_text())
+    print(f"peak RSS: {peak_rss_mib():.0f} MiB; total {results['config']['total_seconds']:.0f} s")
+    return 0
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, out: str, quick: str) -> None:
+    """The options every editing benchmark takes: the data, methods, model, probe texts, output, cache, threads."""
+    parser.add_argument("--data", type=Path, default=DATA_DIR / DATASETS["zsre"], help="a zsRE or CounterFact file")
+    parser.add_argument("--format", choices=list(DATASETS), default="zsre")
+    parser.add_argument("--methods", nargs="+", help="the methods to run (default: the script's and the baselines)")
+    parser.add_argument("--model", default="smollm2", help="smollm2 or a local transformers model directory")
+    parser.add_argument("--probe-data", type=Path, default=DATA_DIR / DATASETS["counterfact"],
+                        help="the CounterFact file whose records 9000–9199 are the capability probe's texts")
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dft_peft_benchmark_cache")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--quick", action="store_true", help=quick)

@@ -15,7 +15,6 @@ Definitions:
 """
 
 import argparse
-import ctypes
 import datetime
 import gc
 import json
@@ -32,6 +31,7 @@ import torch
 from dft_peft.kernels import window_cpu
 from dft_peft.kernels.select_core_torch import select_core_torch
 from llama_shapes import layer_shapes
+from memory import peak_extra_bytes
 
 from dft_peft.format import codec
 from dft_peft.selection.rule import FLT_MIN, core_size
@@ -126,22 +126,6 @@ def copy_bandwidth(new, old, sync=lambda: None, timer=time.perf_counter) -> floa
         sync()
         best = min(best, timer() - start)
     return delta_bytes(new, old) / best
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-
-def peak_extra_bytes(fn) -> tuple[int, object]:
-    """RSS high-water mark during fn() minus the RSS before it (Linux: resets the mark via /proc/self/clear_refs)."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, or reusing it would hide part of the peak
-    before = _status_kb("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    result = fn()
-    return (_status_kb("VmHWM:") - before) * 1024, result
 
 
 def core_bytes(core) -> tuple[int, int]:

@@ -18,11 +18,9 @@ import copy
 import gc
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
 from editors import (
     BASELINE_METHODS,
     HYPERPARAMS,
@@ -33,14 +31,12 @@ from editors import (
     override,
 )
 from harness import (
-    DATA_DIR,
-    DATASETS,
     PROBE_POSITIONS,
     QUICK_PROBE_POSITIONS,
     Splits,
+    add_run_arguments,
+    execute,
     for_protocol,
-    load_model,
-    peak_rss_mib,
     probe_description,
     probe_texts,
 )
@@ -133,22 +129,14 @@ def write_outputs(out: Path, results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DATA_DIR / DATASETS["zsre"], help="a zsRE or CounterFact file")
-    parser.add_argument("--format", choices=list(DATASETS), default="zsre")
+    add_run_arguments(parser, "benchmarks/results/knowledge_update",
+                      "4 edits, 1 seed, Full-FT and DFT_FT, 20 probe texts")
     parser.add_argument("--n-edits", type=int, default=DEFAULT_EDITS)
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS)
     parser.add_argument("--full", action="store_true", help=f"issue size: {FULL_EDITS} edits, {FULL_SEEDS} seeds")
     parser.add_argument("--protocol", choices=("base", "paper"), default="base")
-    parser.add_argument("--methods", nargs="+", help=f"default: {' '.join(DEFAULT_METHODS)} and the baselines")
     parser.add_argument("--split", choices=("report", "tuning"), default="report")
     parser.add_argument("--set", nargs="*", default=[], metavar="METHOD.key=value", help="override a hyper-parameter")
-    parser.add_argument("--model", default="smollm2", help="smollm2 or a local transformers model directory")
-    parser.add_argument("--probe-data", type=Path, default=DATA_DIR / DATASETS["counterfact"],
-                        help="the CounterFact file whose records 9000–9199 are the capability probe's texts")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/knowledge_update"))
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dft_peft_benchmark_cache")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--quick", action="store_true", help="4 edits, 1 seed, Full-FT and DFT_FT, 20 probe texts")
     parser.add_argument("--notes", type=Path, help="a markdown file of findings to include in results.md")
     parser.add_argument("--render", action="store_true", help="rewrite results.md and the plot from results.json")
     args = parser.parse_args(argv)
@@ -174,26 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         override(item)
     args.probe_positions = QUICK_PROBE_POSITIONS if args.quick else PROBE_POSITIONS
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    base, tokenizer = load_model(args.model)
-    args.out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    results = run(args, base, tokenizer)
-    results["config"] = {
+    return execute(args, run, write_outputs, {
         "command": command, "model": args.model, "data": str(args.data), "format": args.format,
         "protocol": args.protocol, "split": args.split, "n_edits": args.n_edits, "seeds": args.seeds,
         "methods": args.methods,
         "hyperparameters": {m: HYPERPARAMS[m] for m in [*args.methods, "original"] if m in HYPERPARAMS
                             and (m != "original" or args.protocol == "paper")},
         "threads": args.threads, "probe": probe_description(args.probe_positions),
-        "total_seconds": time.perf_counter() - started, "peak_rss_mib": peak_rss_mib(),
         "notes": args.notes.read_text() if args.notes else None,
-    }
-    write_outputs(args.out, results)
-    print((args.out / "results.md").read_text())
-    print(f"peak RSS: {peak_rss_mib():.0f} MiB; total {results['config']['total_seconds']:.0f} s")
-    return 0
+    })
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import time
 
 import torch
 from llama_shapes import layer_shapes, model_shapes, projection_names
+from memory import status_kb
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -131,12 +132,6 @@ def evict(files: list[str]) -> None:
 
 
 # --- measurement (in the worker subprocess) -----------------------------------------------------------------------
-
-def status_kb() -> dict[str, int]:
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return {key: int(fields[key].split()[0]) for key in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
-
 
 class Sampler(threading.Thread):
     """Samples RssAnon and RssFile (torch ops release the GIL, so samples keep coming during long kernels)."""

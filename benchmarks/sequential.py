@@ -21,21 +21,17 @@ import gc
 import math
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
 from editors import BASELINE_METHODS, HYPERPARAMS, QUICK_OVERRIDES, available_methods, make_editor, override
 from harness import (
-    DATA_DIR,
-    DATASETS,
     PROBE_POSITIONS,
     QUICK_PROBE_POSITIONS,
     Splits,
+    add_run_arguments,
+    execute,
     for_protocol,
-    load_model,
-    peak_rss_mib,
     probe_description,
     probe_texts,
 )
@@ -148,22 +144,13 @@ def write_outputs(out: Path, results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DATA_DIR / DATASETS["zsre"], help="a zsRE or CounterFact file")
-    parser.add_argument("--format", choices=list(DATASETS), default="zsre")
+    add_run_arguments(parser, "benchmarks/results/sequential", "T=4 in calls of 2, Full-FT and DFT_FT, 2 points")
     parser.add_argument("--total", type=int, default=DEFAULT_TOTAL, help="T: edits in all")
     parser.add_argument("--full", action="store_true", help=f"T = {FULL_TOTAL} (capped by the report pool)")
     parser.add_argument("--batch", type=int, default=10, help="B: edits per call")
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--methods", nargs="+", help=f"default: {' '.join(DEFAULT_METHODS)} and the baselines")
     parser.add_argument("--eval-points", type=int, default=5, help="K: scored calls at most")
     parser.add_argument("--eval-requests", type=int, default=200, help="M: requests scored per point at most")
-    parser.add_argument("--model", default="smollm2", help="smollm2 or a local transformers model directory")
-    parser.add_argument("--probe-data", type=Path, default=DATA_DIR / DATASETS["counterfact"],
-                        help="the CounterFact file whose records 9000–9199 are the capability probe's texts")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sequential"))
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dft_peft_benchmark_cache")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--quick", action="store_true", help="T=4 in calls of 2, Full-FT and DFT_FT, 2 points")
     args = parser.parse_args(argv)
     command = "python benchmarks/sequential.py " + " ".join(argv if argv is not None else sys.argv[1:])
     methods = available_methods()
@@ -191,25 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         print(note)
         args.total = capped
     args.probe_positions = QUICK_PROBE_POSITIONS if args.quick else PROBE_POSITIONS
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    base, tokenizer = load_model(args.model)
-    args.out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    results = run(args, base, tokenizer)
-    results["config"] = {
+    return execute(args, run, write_outputs, {
         "command": command, "model": args.model, "data": str(args.data), "format": args.format,
         "total": args.total, "batch": args.batch, "seeds": args.seeds, "methods": args.methods,
         "eval_calls": eval_calls(math.ceil(args.total / args.batch), args.eval_points),
         "eval_requests": args.eval_requests, "note": note, "threads": args.threads,
         "hyperparameters": {m: HYPERPARAMS[m] for m in args.methods if m in HYPERPARAMS},
-        "probe": probe_description(args.probe_positions), "total_seconds": time.perf_counter() - started,
-        "peak_rss_mib": peak_rss_mib(),
-    }
-    write_outputs(args.out, results)
-    print((args.out / "results.md").read_text())
-    print(f"peak RSS: {peak_rss_mib():.0f} MiB; total {results['config']['total_seconds']:.0f} s")
-    return 0
+        "probe": probe_description(args.probe_positions),
+    })
 
 
 if __name__ == "__main__":
