@@ -1,1 +1,1 @@
-"""evaluation"""
+"""Evaluation: edit requests and their loaders, EasyEdit's metrics, and the §5.8 analysis of an edit file."""
