@@ -23,13 +23,17 @@ class Section:
 
 
 SECTIONS = (
-    Section("Knowledge editing in one batch", "knowledge_update/results.json", "knowledge_update/results.md",
+    Section("Knowledge editing in one batch (zsRE)", "knowledge_update/zsre/results.json",
+            "knowledge_update/zsre/results.md",
             "DFT against fine-tuning, LoRA and the locate-then-edit editors on zsRE and CounterFact: teacher-forced "
             "and generated-answer scores with 95% bootstrap intervals over requests and seeds, and each method's "
             "paired difference against Full-FT on the same requests."),
-    Section("Sequential editing", "sequential/results.json", "sequential/results.md",
+    Section("Sequential editing (zsRE, 40 edits in calls of 10)", "sequential/zsre_t40_b10/results.json",
+            "sequential/zsre_t40_b10/results.md",
             "Edits applied in successive calls to one model: after each call, the scores over every edit so far "
-            "(retention), locality and the capability probe."),
+            "(retention), locality and the capability probe. This run was made during development (16:43-17:12 UTC "
+            "on 2026-12-03, one thread on a loaded machine, `DFT_PEFT_CPU_KERNEL=torch`), before the output "
+            "anchor (`preserve_weight=1`) became DFT's default: its DFT_FT is the edit without it."),
     Section("Locate-then-edit baselines: single-edit sanity check", "baselines/sanity.json", "baselines/sanity.md",
             "ROME, MEMIT and AlphaEdit, written here from their papers, each on single zsRE edits of the base "
             "model before their figures are trusted in the tables above."),
@@ -66,6 +70,21 @@ def section_text(section: Section) -> list[str]:
     return [*lines, ""]
 
 
+def variants_text() -> list[str]:
+    """The DFT variants of the tuning split (`benchmarks/dft_variants.py`) as a table."""
+    path = RESULTS / "dft_variants" / "variants_n20.json"
+    if not path.exists():
+        return []
+    run = json.loads(path.read_text())
+    lines = ["## DFT variants on the tuning split", "",
+             f"{run['n']} requests of the {run['split']}, teacher-forced, locality against the unedited model "
+             "(`python benchmarks/dft_variants.py`). " + run.get("note", ""), "",
+             "| variant | reliability | generality | locality | seconds |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {v['reliability']:.1f} | {v['generality']:.1f} | {v['locality']:.1f} | {v['seconds']:.0f} |"
+              for name, v in run["variants"].items()]
+    return [*lines, ""]
+
+
 def main() -> int:
     lines = ["# Benchmarks", "",
              "Every figure here was measured on this project's 2-core CPU machine by the command shown above it; "
@@ -74,6 +93,8 @@ def main() -> int:
              "`benchmarks/kernel_speed_gpu.py` is ready for a machine that has one.", ""]
     for section in SECTIONS:
         lines += section_text(section)
+        if section.markdown.startswith("knowledge_update"):
+            lines += variants_text()
     (HERE / "README.md").write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {HERE / 'README.md'}")
     return 0

@@ -1,0 +1,99 @@
+"""DFT variants on the zsRE tuning split (base protocol): what the default edit is chosen from.
+
+Each variant edits a fresh copy of SmolLM2 on the same tuning-split requests (never reported elsewhere) and is scored
+teacher-forced against the unedited model; Full-FT is the reference. One line of JSON per variant as it finishes.
+
+    python benchmarks/dft_variants.py --n 20 --variants no_preserve preserve1 mlp fullft
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from harness import (
+    DATA_DIR,
+    DATASETS,
+    DFTConfig,
+    EditArguments,
+    EpochBatches,
+    ModelLoss,
+    Splits,
+    edit,
+    evaluate,
+    for_protocol,
+    load_model,
+    locality_reference,
+    train,
+)
+from torch import nn
+
+MLP = ["gate_proj", "up_proj", "down_proj"]
+# name → (DFTConfig overrides, EditArguments overrides); the edit's defaults otherwise
+VARIANTS: dict[str, tuple[dict, dict]] = {
+    "default": ({}, {}),
+    "no_preserve": ({}, {"preserve_weight": 0.0}),
+    "preserve1": ({}, {"preserve_weight": 1.0}),
+    "preserve1_t8": ({}, {"preserve_weight": 1.0, "preserve_texts": 8}),
+    "preserve3_t8": ({}, {"preserve_weight": 3.0, "preserve_texts": 8}),
+    "mlp": ({"target_modules": MLP}, {"preserve_weight": 0.0}),
+    "mlp_preserve1": ({"target_modules": MLP}, {"preserve_weight": 1.0}),
+}
+
+
+def full_fine_tune(model: nn.Module, tokenizer, requests) -> float:
+    """The benchmarks' Full-FT (every linear layer but the head, AdamW lr 1e-4, 5 epochs); returns its seconds."""
+    tick = time.perf_counter()
+    head = model.get_output_embeddings()
+    params = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    batches = EpochBatches(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], 8,
+                           torch.Generator().manual_seed(0))
+    model.train()
+    train(ModelLoss(model), batches, 5, 1e-4, "adamw")
+    model.eval()
+    return time.perf_counter() - tick
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=20, help="tuning-split requests")
+    parser.add_argument("--variants", nargs="+", default=["no_preserve", "preserve1", "fullft"],
+                        choices=[*VARIANTS, "fullft"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dft_variants"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    requests = for_protocol(Splits.of(DATA_DIR / DATASETS["zsre"], "zsre").draw("tuning", 0, args.n), "base")
+    base, tokenizer = load_model("smollm2")
+    reference = locality_reference(base, tokenizer, requests)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.variants:
+        model = copy.deepcopy(base)
+        if name == "fullft":
+            seconds = full_fine_tune(model, tokenizer, requests)
+        else:
+            config, arguments = VARIANTS[name]
+            model, report = edit(model, tokenizer, requests, DFTConfig(**config), EditArguments(**arguments),
+                                 progress=False)
+            seconds = report.seconds
+        metrics = evaluate(model, tokenizer, requests, reference=reference)
+        results[name] = {"reliability": 100 * metrics.reliability, "generality": 100 * metrics.generality,
+                         "locality": 100 * metrics.locality, "seconds": seconds}
+        print(name, json.dumps(results[name]), flush=True)
+    summary = {"n": args.n, "split": "zsRE tuning split (harness.Splits, first n), base protocol",
+               "threads": args.threads, "variants": results}
+    (args.out / f"variants_n{args.n}.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
