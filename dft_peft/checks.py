@@ -20,6 +20,7 @@ CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "positive": (lambda v: _number(v) and 0 < v < math.inf, "a finite number > 0"),
     "non_negative": (lambda v: _number(v) and 0 <= v < math.inf, "a finite number >= 0"),
     "fraction": (lambda v: _number(v) and 0 < v <= 1, "a fraction in (0, 1]"),
+    "finite": (lambda v: _number(v) and math.isfinite(v), "a finite number"),
 }
 
 

@@ -20,6 +20,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..checks import check_value
 from .requests import EditRequest, as_requests
 
 METRICS = ("reliability", "generality", "locality")
@@ -192,8 +193,7 @@ def target_token_accuracy(
     rebuilds lazily in the forward pass (e.g. a dynamic RoPE's `inv_freq`) would otherwise become an inference
     tensor that a later backward pass cannot use.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_value("target_token_accuracy", "batch_size", batch_size, "positive_int")
     encoded = encode_pairs(tokenizer, prompts, targets)
     if not encoded:
         return TokenAccuracy([], [])

@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args
 
 import datasets
 
+from ..checks import check_value
+
 logger = logging.getLogger(__name__)
 
 Format = Literal["auto", "zsre", "counterfact", "json"]
@@ -216,8 +218,7 @@ def load_requests(
     path = Path(path)
     if format not in FORMATS:
         raise ValueError(f"Unknown format {format!r}; expected one of {FORMATS}")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"n must be a positive integer or None, got {n!r}")
+    check_value("load_requests", "n", n, "positive_int", optional=True)
     records = _read_records(path)
     if not records:
         raise ValueError(f"{path}: the file holds no records")

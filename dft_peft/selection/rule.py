@@ -18,6 +18,7 @@ from decimal import Decimal
 
 import torch
 
+from ..checks import check_choice, check_value
 from ..format.sparse import SparseDelta, index_dtype
 
 SELECTIONS = ("global", "per_module")
@@ -69,10 +70,8 @@ def check_pair(name: str, new: torch.Tensor, old: torch.Tensor) -> None:
 
 def check_selection_args(top_t: float, selection: str) -> None:
     """Check top_t (a fraction in (0, 1]) and the selection's name."""
-    if isinstance(top_t, bool) or not isinstance(top_t, (int, float)) or not 0.0 < top_t <= 1.0:
-        raise ValueError(f"top_t must be a fraction in (0, 1], got {top_t!r}")
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    check_value("select_core", "top_t", top_t, "fraction")
+    check_choice("select_core", "selection", selection, SELECTIONS)
 
 
 def raise_nonfinite(name: str) -> None:

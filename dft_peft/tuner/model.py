@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -14,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D as HFConv1D
 
+from ..checks import check_value
 from ..format.edit_file import (
     CONFIG_KEY,
     MODULES_TO_SAVE,
@@ -153,8 +152,7 @@ class DFTModel(BaseTuner):
         """
         layers = self._layers_with(adapter_name)
         lam = self.peft_config[adapter_name].lam if lam is None else lam
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam < float("inf"):
-            raise ValueError(f"lam (λ) must be a finite number > 0, got {lam!r}")
+        check_value("add_core", "lam", lam, "positive")
         if consume and not isinstance(core, dict):
             raise TypeError(f"add_core(consume=True) needs a dict it can empty, got {type(core).__name__}")
         given, core = core, normalize_core_names(core)
@@ -185,9 +183,8 @@ class DFTModel(BaseTuner):
         real numbers of any sign, checked before anything changes."""
         if len(adapters) != len(weights) or not adapters:
             raise ValueError("add_weighted_adapter needs as many weights as adapters, at least one")
-        bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)]
-        if bad:
-            raise ValueError(f"add_weighted_adapter weights must be finite real numbers, got {bad}")
+        for i, weight in enumerate(weights):
+            check_value("add_weighted_adapter", f"weights[{i}]", weight, "finite")
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
         cores = [self.get_core(a) for a in adapters]
