@@ -44,7 +44,11 @@ SECTIONS = (
             "Bytes per edited parameter of the saved edit against the layouts of Super-Tuning and PEFT's SHiRA."),
     Section("Kernels: core selection and scatter-merge on the CPU", "kernels.json", "kernels.md",
             "Core selection as a fraction of a plain copy of the same bytes measured in the same run, against the "
-            "naive selection, and its memory beyond the core; scatter-merge against a LoRA merge of the same size."),
+            "naive selection, and its memory beyond the core; scatter-merge against a LoRA merge of the same size. "
+            "These rows were measured on 2026-11-25, before the C loop was built with torch.utils.cpp_extension "
+            "(with capacity checks and target_clones instead of -march=native) and before the torch.compile path "
+            "(the 'torch ops, compiled' rows) was removed; a 10M-element rerun on 2026-12-03 was too loaded to "
+            "compare, and an in-process timing of the old and new C function showed no slowdown."),
     Section("build_edit at scale", "scale.json", "scale.md",
             "The core of two 1B-parameter checkpoints read from disk, against a plain read of the same files."),
     Section("build_edit at scale, top_t = 0.01", "scale_top_t_0.01/scale.json", "scale_top_t_0.01/scale.md", ""),

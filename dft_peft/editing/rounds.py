@@ -139,9 +139,10 @@ def _run(
                 raise ValueError(f"the model generated no answer to {prompts[i]!r}; give its target_old explicitly")
             old_answers[i] = answer
         report.old_answers = old_answers
-        trains_core = args.strategy == "locate_once" and args.max_rounds > 1  # the anchor holds core training
+        reached = report.initial_reliability >= args.target_reliability
+        trains_core = args.strategy == "locate_once" and args.max_rounds > 1 and not reached
         anchor = (OutputAnchor(peft_model, tokenizer, args.preserve_texts, args.preserve_length, args.seed)
-                  if args.preserve_weight > 0 and trains_core else None)
+                  if args.preserve_weight > 0 and trains_core else None)  # it holds core training only
 
         gen = torch.Generator().manual_seed(args.seed)
         old_epochs = args.old_epochs or args.epochs
@@ -153,7 +154,6 @@ def _run(
         bar = tqdm(total=total, desc="DFT edit", unit="step",
                    disable=not (progress and (accelerator is None or accelerator.is_main_process)))
         old_deltas = None
-        reached = report.initial_reliability >= args.target_reliability
         for round_index in range(1, args.max_rounds + 1):
             if reached:
                 break

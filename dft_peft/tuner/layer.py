@@ -144,8 +144,9 @@ class DFTLayer(BaseTunerLayer):
         return weight
 
 
-class Linear(nn.Module, DFTLayer):
-    """DFT on `nn.Linear`, and on transformers' `Conv1D` (GPT-2) whose weight is stored as (in, out)."""
+class _DFTModule(nn.Module, DFTLayer):
+    """A base module with DFT adapters: it runs as the base layer unless an active adapter has entries, and then
+    with `_forward_with(x, weight)` on the composed weight."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: DFTConfig, **kwargs: Any) -> None:
         super().__init__()
@@ -158,34 +159,32 @@ class Linear(nn.Module, DFTLayer):
         weight = self._effective_weight()
         if weight is None:
             return self.base_layer(x, *args, **kwargs)
-        weight = weight.T if self.fan_in_fan_out else weight
-        return F.linear(x, weight, self.get_base_layer().bias)
+        return self._forward_with(x, weight)
+
+    def _forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return "dft." + super().__repr__()
 
 
-class Embedding(nn.Module, DFTLayer):
+class Linear(_DFTModule):
+    """DFT on `nn.Linear`, and on transformers' `Conv1D` (GPT-2) whose weight is stored as (in, out)."""
+
+    def _forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        weight = weight.T if self.fan_in_fan_out else weight
+        return F.linear(x, weight, self.get_base_layer().bias)
+
+
+class Embedding(_DFTModule):
     """DFT on `nn.Embedding` (indices address the (num_embeddings, dim) table)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: DFTConfig, **kwargs: Any) -> None:
-        super().__init__()
-        DFTLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        weight = self._effective_weight()
-        if weight is None:
-            return self.base_layer(x, *args, **kwargs)
+    def _forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
         out = F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
                           base.sparse)
         embed_scale = self._get_embed_scale()
         return out * embed_scale.to(out.dtype) if embed_scale is not None else out
-
-    def __repr__(self) -> str:
-        return "dft." + super().__repr__()
 
 
 def _check_loaded_indices(layer: DFTLayer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
