@@ -42,6 +42,13 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "preserve3_t8": ({}, {"preserve_weight": 3.0, "preserve_texts": 8}),
     "mlp": ({"target_modules": MLP}, {"preserve_weight": 0.0}),
     "mlp_preserve1": ({"target_modules": MLP}, {"preserve_weight": 1.0}),
+    # cheaper edits: fewer locate epochs, a larger core learning rate, fewer anchor texts
+    "locate_1epoch": ({}, {"epochs": 1}),
+    "core_lr3e-3": ({}, {"core_learning_rate": 3e-3}),
+    "locate_1epoch_core_lr3e-3": ({}, {"epochs": 1, "core_learning_rate": 3e-3}),
+    # the anchor's 16 texts of 32 tokens outnumber an edit batch's tokens: hold a few of them per step
+    "anchor_batch4": ({}, {"preserve_batch": 4}),
+    "anchor_batch4_locate_1epoch": ({}, {"preserve_batch": 4, "epochs": 1}),
 }
 
 
@@ -75,23 +82,27 @@ def main() -> int:
     base, tokenizer = load_model("smollm2")
     reference = locality_reference(base, tokenizer, requests)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    path = args.out / f"variants_n{args.n}.json"
+    summary = json.loads(path.read_text()) if path.exists() else {
+        "n": args.n, "split": f"zsRE tuning split (harness.Splits, first {args.n}), base protocol", "variants": {}}
+    results = summary["variants"]
     for name in args.variants:
         model = copy.deepcopy(base)
         if name == "fullft":
-            seconds = full_fine_tune(model, tokenizer, requests)
+            seconds, rounds = full_fine_tune(model, tokenizer, requests), []
         else:
             config, arguments = VARIANTS[name]
             model, report = edit(model, tokenizer, requests, DFTConfig(**config), EditArguments(**arguments),
                                  progress=False)
             seconds = report.seconds
+            rounds = [{"kind": r.kind, "seconds": r.seconds, "reliability": 100 * r.reliability}
+                      for r in report.rounds]
         metrics = evaluate(model, tokenizer, requests, reference=reference)
         results[name] = {"reliability": 100 * metrics.reliability, "generality": 100 * metrics.generality,
-                         "locality": 100 * metrics.locality, "seconds": seconds}
+                         "locality": 100 * metrics.locality, "seconds": seconds, "rounds": rounds}
         print(name, json.dumps(results[name]), flush=True)
-    summary = {"n": args.n, "split": "zsRE tuning split (harness.Splits, first n), base protocol",
-               "threads": args.threads, "variants": results}
-    (args.out / f"variants_n{args.n}.json").write_text(json.dumps(summary, indent=1))
+        results[name].update(threads=args.threads, measured=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        path.write_text(json.dumps(summary, indent=1))  # after each variant: a long run keeps what it measured
     return 0
 
 

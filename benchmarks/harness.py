@@ -141,14 +141,16 @@ def probe_description(positions: range) -> str:
 def execute(args: Any, run: Callable[[Any, nn.Module, Any], dict], write_outputs: Callable[[Path, dict], None],
             config: dict) -> int:
     """A benchmark script's run: load the model with `args.threads` torch threads, `run(args, model, tokenizer)`,
-    then write its results to `args.out` with `config`, the run's seconds and its peak memory, and print them."""
+    then write its results to `args.out` with `config`, the run's seconds and its peak memory, and print them.
+    A `config` that already holds seconds and memory (a run being extended) gets the sum and the maximum."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base, tokenizer = load_model(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = run(args, base, tokenizer)
-    results["config"] = {**config, "total_seconds": time.perf_counter() - started, "peak_rss_mib": peak_rss_mib()}
+    results["config"] = {**config, "total_seconds": config.get("total_seconds", 0.0) + time.perf_counter() - started,
+                         "peak_rss_mib": max(config.get("peak_rss_mib", 0.0), peak_rss_mib())}
     write_outputs(args.out, results)
     print((args.out / "results.md").read_text())
     print(f"peak RSS: {peak_rss_mib():.0f} MiB; total {results['config']['total_seconds']:.0f} s")

@@ -19,7 +19,9 @@ import gc
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from editors import (
     BASELINE_METHODS,
@@ -43,10 +45,13 @@ from harness import (
 from reporting import (
     METRICS,
     differences,
+    goal_lines,
     method_notes,
     metric_table,
+    pair_differences,
     plot_batch,
     summarize,
+    tradeoff_lines,
     verdict_lines,
     write_json,
 )
@@ -94,7 +99,21 @@ def run(args: argparse.Namespace, base, tokenizer) -> dict:
         methods[m] = summarize(values[m])
         for cost, per_seed in costs[m].items():
             methods[m][cost] = {"mean": sum(per_seed) / len(per_seed), "per_seed": per_seed}
-    return {"methods": methods, "differences": differences(values), "values": values}
+    return {"methods": methods, "differences": differences(values), "pairs": pair_differences(values),
+            "values": values}
+
+
+def run_adding(prior: dict, prior_values: dict) -> Callable[[argparse.Namespace, Any, Any], dict]:
+    """`run` for `--add`: the new methods' results merged into a prior run's, the differences recomputed from the
+    per-unit values of all of them (the same requests, so the pairs hold)."""
+
+    def run_added(args: argparse.Namespace, base, tokenizer) -> dict:
+        new = run(args, base, tokenizer)
+        values = {**prior_values, **new["values"]}
+        return {"methods": {**prior["methods"], **new["methods"]}, "differences": differences(values),
+                "pairs": pair_differences(values), "values": values}
+
+    return run_added
 
 
 def write_outputs(out: Path, results: dict) -> None:
@@ -106,6 +125,8 @@ def write_outputs(out: Path, results: dict) -> None:
     write_json(out / "results.json", results)
     title = f"Batch editing, {config['format']}, protocol {config['protocol']}"
     lines = [f"# {title}", "", f"Command: `{config['command']}`", "",
+             *[f"Methods {', '.join(a['methods'])} added by `{a['command']}` ({a['threads']} thread(s))."
+               for a in config.get("added", [])], "",
              f"Model {config['model']}; {config['n_edits']} edits × {config['seeds']} seed(s) from the "
              f"{config['split']} split of `{Path(config['data']).name}` (seed s: requests [s·N, (s+1)·N) of it), "
              f"{config['threads']} thread(s); total {config['total_seconds'] / 60:.1f} min, peak RSS "
@@ -118,8 +139,16 @@ def write_outputs(out: Path, results: dict) -> None:
               f"{r['file_bytes']['mean']:,.0f} |" for m, r in results["methods"].items()]
     if results["differences"]:
         lines += ["", "## Paired differences against Full-FT (same requests)", "",
-                  *metric_table(results["differences"], columns=METRICS), "", "Verdicts:", "",
-                  *verdict_lines(results["differences"])]
+                  *metric_table(results["differences"], columns=METRICS), "", "Locality against reliability:", "",
+                  *tradeoff_lines(results["differences"]), ""]
+        if goals := goal_lines(results["differences"]):
+            lines += ["Issue 17's batch goals for DFT_FT:", "", *goals, ""]
+        lines += ["Every metric:", "", *verdict_lines(results["differences"])]
+    for pair, diffs in results.get("pairs", {}).items():
+        name, baseline = pair.split(" − ")
+        lines += ["", f"## Paired differences: {pair} (same requests)", "",
+                  *metric_table({pair: diffs}, first="Pair", columns=METRICS), "",
+                  *goal_lines({name: diffs}, name, baseline)]
     lines += ["", "## Hyper-parameters", "", "```json", json.dumps(config["hyperparameters"], indent=1), "```"]
     if config.get("notes"):
         lines += ["", "## Findings", "", config["notes"]]
@@ -139,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="METHOD.key=value", help="override a hyper-parameter")
     parser.add_argument("--notes", type=Path, help="a markdown file of findings to include in results.md")
     parser.add_argument("--render", action="store_true", help="rewrite results.md and the plot from results.json")
+    parser.add_argument("--add", action="store_true",
+                        help="add --methods to the run in --out (same data, edits, seeds, protocol and split), "
+                             "keeping its other methods' figures")
     args = parser.parse_args(argv)
     command = "python benchmarks/knowledge_update.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.render:
@@ -162,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         override(item)
     args.probe_positions = QUICK_PROBE_POSITIONS if args.quick else PROBE_POSITIONS
-    return execute(args, run, write_outputs, {
+    config = {
         "command": command, "model": args.model, "data": str(args.data), "format": args.format,
         "protocol": args.protocol, "split": args.split, "n_edits": args.n_edits, "seeds": args.seeds,
         "methods": args.methods,
@@ -170,8 +202,32 @@ def main(argv: list[str] | None = None) -> int:
                             and (m != "original" or args.protocol == "paper")},
         "threads": args.threads, "probe": probe_description(args.probe_positions),
         "notes": args.notes.read_text() if args.notes else None,
-    })
+    }
+    if not args.add:
+        return execute(args, run, write_outputs, config)
+    prior, prior_values = added_to(args.out, config, parser)
+    return execute(args, run_adding(prior, prior_values), write_outputs, {
+        **prior["config"], "methods": [*prior["config"]["methods"], *args.methods],
+        "hyperparameters": {**prior["config"]["hyperparameters"], **config["hyperparameters"]},
+        "added": [*prior["config"].get("added", []),
+                  {"command": command, "methods": args.methods, "threads": args.threads}]})
 
+
+def added_to(out: Path, config: dict, parser: argparse.ArgumentParser) -> tuple[dict, dict]:
+    """The prior run in `out` that `--add` extends (its results and per-unit values), checked to be the same
+    requests and scoring as `config`'s and to lack its methods."""
+    try:
+        prior = json.loads((out / "results.json").read_text())
+        prior_values = json.loads((out / "values.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        parser.error(f"--add extends the run in {out}, but its results.json/values.json cannot be read: {error}")
+    keys = ("model", "data", "format", "protocol", "split", "n_edits", "seeds", "probe")
+    before = prior["config"]
+    if differ := [f"{k}={before.get(k)!r}" for k in keys if before.get(k) != config[k]]:
+        parser.error(f"--add: {out} was run with other settings ({', '.join(differ)})")
+    if again := [m for m in config["methods"] if m in prior["methods"]]:
+        parser.error(f"--add: {out} already holds {again}")
+    return prior, prior_values
 
 if __name__ == "__main__":
     raise SystemExit(main())

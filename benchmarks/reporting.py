@@ -39,6 +39,15 @@ def differences(values: Values) -> dict:
             for name, v in values.items() if name != BASELINE}
 
 
+PAIRS = (("DFT_LoRA", "LoRA"),)  # (method, the baseline it is paired with besides Full-FT)
+
+
+def pair_differences(values: Values) -> dict:
+    """`{"A − B": {METRIC: paired difference}}` for each pair of `PAIRS` whose methods both ran."""
+    return {f"{a} − {b}": {metric: paired_difference(values[a][metric], values[b][metric]) for metric in METRICS}
+            for a, b in PAIRS if a in values and b in values}
+
+
 def interval(stat: Mapping[str, float], digits: int = 1) -> str:
     """`mean [lo, hi]`."""
     return f"{stat['mean']:.{digits}f} [{stat['lo']:.{digits}f}, {stat['hi']:.{digits}f}]"
@@ -55,8 +64,82 @@ def verdict_lines(diffs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> lis
         for metric, d in by_metric.items():
             k = digits_of(metric)
             side = "above 0" if d["lo"] > 0 else "below 0" if d["hi"] < 0 else "includes 0"
-            lines.append(f"- {name} − {BASELINE}, {metric}: {d['mean']:+.{k}f} [{d['lo']:+.{k}f}, {d['hi']:+.{k}f}]"
-                         f" ({side})")
+            lines.append(f"- {name} − {BASELINE}, {metric}: {signed(d, k)} ({side})")
+    return lines
+
+
+SCORINGS = {"teacher-forced": ("reliability", "generality", "locality"),
+            "generated": ("gen_reliability", "gen_generality", "gen_locality")}
+# issue 17's batch goals for DFT against Full-FT, per scoring: reliability ≥ −1, generality ≥ −2, locality ≥ +10
+# with the interval of the difference above zero
+GOALS = {"reliability": -1.0, "generality": -2.0, "locality": 10.0}
+EQUAL_RELIABILITY = 2.0  # points of reliability difference a locality comparison may span
+
+
+def signed(d: Mapping[str, float], digits: int = 1) -> str:
+    """`+mean [+lo, +hi]`."""
+    return f"{d['mean']:+.{digits}f} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]"
+
+
+def tradeoff_lines(diffs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[str]:
+    """Per method and scoring, its locality difference against Full-FT, said to be "at equal reliability" only when
+    the reliability difference is within `EQUAL_RELIABILITY` points and its interval includes 0, otherwise at higher
+    or lower reliability."""
+    lines = []
+    for name, d in diffs.items():
+        for scoring, (rel, _, loc) in SCORINGS.items():
+            r, l_ = d[rel], d[loc]
+            if r["lo"] <= 0 <= r["hi"] and abs(r["mean"]) <= EQUAL_RELIABILITY:
+                at = "at equal reliability"
+            elif r["mean"] > 0:
+                at = "at higher reliability"
+            else:
+                at = "at lower reliability, so possibly bought with reliability"
+            lines.append(f"- {name} − {BASELINE}, locality {at} ({scoring}): {signed(l_)} (reliability {signed(r)})")
+    return lines
+
+
+def goal_lines(diffs: Mapping[str, Mapping[str, Mapping[str, float]]], name: str = "DFT_FT",
+               baseline: str = BASELINE) -> list[str]:
+    """Issue 17's batch goals for `name` against `baseline` (`diffs[name]` holds the paired differences), met or
+    missed, under each scoring."""
+    if name not in diffs:
+        return []
+    lines = []
+    for scoring, metrics in SCORINGS.items():
+        for goal_metric, metric in zip(("reliability", "generality", "locality"), metrics):
+            d, bound = diffs[name][metric], GOALS[goal_metric]
+            met = d["mean"] >= bound and (goal_metric != "locality" or d["lo"] > 0)
+            need = f"≥ {bound:+.0f}" + (", interval above 0" if goal_metric == "locality" else "")
+            lines.append(f"- {name} − {baseline}, {goal_metric} ({scoring}), goal {need}: {signed(d)} — "
+                         f"{'met' if met else 'missed'}")
+    return lines
+
+
+SEQUENTIAL_GOALS = {"reliability": 90.0, "locality": 80.0}  # issue 17, after all sequential edits
+SEQUENTIAL_RIVALS = ("Full-FT", "LoRA", "FT-M")
+
+
+def sequential_goal_lines(methods: Mapping[str, Mapping], name: str = "DFT_FT") -> list[str]:
+    """Issue 17's sequential goals for `name` after all edits, met or missed: reliability over the edits so far
+    ≥ 90 and locality ≥ 80 (teacher-forced), both above each rival's at the same point, and a capability KL no
+    larger than theirs (means compared; intervals shown)."""
+    if name not in methods:
+        return []
+    last = {m: r["after"][-1] for m, r in methods.items()}
+    ours, rivals = last[name], [m for m in SEQUENTIAL_RIVALS if m in last]
+    lines = []
+    for metric, bound in SEQUENTIAL_GOALS.items():
+        beaten = [m for m in rivals if ours[metric]["mean"] > last[m][metric]["mean"]]
+        met = ours[metric]["mean"] >= bound and len(beaten) == len(rivals)
+        against = ", ".join(f"{m} {interval(last[m][metric])}" for m in rivals)
+        lines.append(f"- {name} after {ours['edits']} edits, {metric} ≥ {bound:.0f} and above {', '.join(rivals)}: "
+                     f"{interval(ours[metric])} (against {against}) — {'met' if met else 'missed'}")
+    kl = ours["capability"]["mean"]
+    worse = [m for m in rivals if kl > last[m]["capability"]["mean"]]
+    verdict = f"missed (larger than {', '.join(worse)}'s)" if worse else "met"
+    lines.append(f"- {name} after {ours['edits']} edits, capability KL no larger than {', '.join(rivals)}'s: "
+                 f"{interval(ours['capability'], 4)} — {verdict}")
     return lines
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import math
 import random
 import sys
@@ -35,7 +36,17 @@ from harness import (
     probe_description,
     probe_texts,
 )
-from reporting import differences, interval, method_notes, plot_sequential, summarize, verdict_lines, write_json
+from reporting import (
+    differences,
+    interval,
+    method_notes,
+    plot_sequential,
+    sequential_goal_lines,
+    summarize,
+    tradeoff_lines,
+    verdict_lines,
+    write_json,
+)
 from scoring import Scorer
 from tqdm.auto import tqdm
 
@@ -137,7 +148,10 @@ def write_outputs(out: Path, results: dict) -> None:
                      f"{r['score_seconds']:.1f} | {r['file_bytes']:,.0f} |")
     if results["differences"]:
         lines += ["", "## After all edits: paired differences against Full-FT (same requests)", "",
+                  *tradeoff_lines(results["differences"]), "", "Every metric:", "",
                   *verdict_lines(results["differences"])]
+    if goals := sequential_goal_lines(results["methods"]):
+        lines += ["", "## Issue 17's sequential goals for DFT_FT", "", *goals]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot_sequential(out / "results.png", results["methods"], title)
 
@@ -151,8 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--eval-points", type=int, default=5, help="K: scored calls at most")
     parser.add_argument("--eval-requests", type=int, default=200, help="M: requests scored per point at most")
+    parser.add_argument("--render", action="store_true", help="rewrite results.md and the plot from results.json")
     args = parser.parse_args(argv)
     command = "python benchmarks/sequential.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.render:
+        write_outputs(args.out, json.loads((args.out / "results.json").read_text()))
+        return 0
     methods = available_methods()
     if args.quick:
         args.total, args.batch, args.eval_points = QUICK["total"], QUICK["batch"], QUICK["eval_points"]

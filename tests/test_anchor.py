@@ -30,10 +30,25 @@ def test_anchor_is_near_zero_for_its_own_model_and_grows_with_change():
     assert 0 <= same < 1e-2 < moved  # bfloat16 storage leaves a rounding-sized KL for the model itself
 
 
-def anchor_kl_after(weight: float) -> float:
+def test_next_rows_cycle_through_every_text_and_score_only_those():
+    model, tokenizer = tiny_llama(), tokenizer_with_bos()
+    anchor = OutputAnchor(model, tokenizer, count=5, length=6, seed=0, per_step=2)
+    assert [anchor.next_rows().tolist() for _ in range(3)] == [[0, 1], [2, 3], [4, 0]]
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)
+        logits = model(input_ids=anchor.input_ids).logits
+        rows = torch.tensor([1, 3])
+        assert float(anchor.kl(logits[rows], rows)) == pytest.approx(
+            float((anchor.kl(logits[1:2], torch.tensor([1])) + anchor.kl(logits[3:4], torch.tensor([3]))) / 2))
+        assert float(anchor.kl(logits[rows], rows)) != pytest.approx(float(anchor.kl(logits[rows], rows.flip(0))))
+    assert OutputAnchor(model, tokenizer, count=3, length=4, seed=0, per_step=8).next_rows().tolist() == [0, 1, 2]
+
+
+def anchor_kl_after(weight: float, per_step: int | None = None) -> float:
     tokenizer = tokenizer_with_bos()
     args = EditArguments(max_rounds=3, epochs=2, learning_rate=0.2, optimizer="sgd", batch_size=2, core_epochs=3,
-                         core_learning_rate=1.0, seed=1, preserve_weight=weight, target_reliability=1.0)
+                         core_learning_rate=1.0, seed=1, preserve_weight=weight, target_reliability=1.0,
+                         preserve_batch=per_step)
     base = tiny_llama()
     anchor = OutputAnchor(base, tokenizer, args.preserve_texts, args.preserve_length, args.seed)
     edited, report = edit(base, tokenizer, TOY_FACTS, dft_peft.DFTConfig(top_t=0.2, target_modules=TARGETS), args,
@@ -43,8 +58,9 @@ def anchor_kl_after(weight: float) -> float:
         return float(anchor.kl(edited(input_ids=anchor.input_ids).logits))
 
 
-def test_preserve_weight_holds_the_outputs_on_sampled_text():
-    assert anchor_kl_after(20.0) < anchor_kl_after(0.0)
+@pytest.mark.parametrize("per_step", [None, 4])
+def test_preserve_weight_holds_the_outputs_on_sampled_text(per_step):
+    assert anchor_kl_after(20.0, per_step) < anchor_kl_after(0.0, per_step)
 
 
 def test_a_tokenizer_without_start_tokens_is_refused():

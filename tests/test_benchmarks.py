@@ -39,9 +39,13 @@ def assert_interval(stat: dict, low: float, high: float) -> None:
 def test_knowledge_update_quick(tmp_path):
     notes = tmp_path / "notes.md"
     notes.write_text("Findings, written after the run.")
-    run_script("knowledge_update.py", "--data", FILES["zsre"], "--format", "zsre", "--out", str(tmp_path),
-               "--cache", str(tmp_path / "cache"), "--notes", str(notes))
+    common = ("--data", FILES["zsre"], "--format", "zsre", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"),
+              "--notes", str(notes))
+    run_script("knowledge_update.py", *common, "--methods", "Full-FT")
+    run_script("knowledge_update.py", *common, "--methods", "DFT_FT", "--add")  # the same requests, one more method
     results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["methods"] == ["Full-FT", "DFT_FT"]
+    assert [a["methods"] for a in results["config"]["added"]] == [["DFT_FT"]]
     assert list(results["methods"]) == ["Full-FT", "DFT_FT"] and list(results["differences"]) == ["DFT_FT"]
     for name, row in results["methods"].items():
         for metric in METRICS:
@@ -54,6 +58,7 @@ def test_knowledge_update_quick(tmp_path):
         assert_interval(results["differences"]["DFT_FT"][metric], -100, 100)
     markdown = (tmp_path / "results.md").read_text()
     assert "- DFT_FT − Full-FT, locality: " in markdown and "Findings, written after the run." in markdown
+    assert "- DFT_FT − Full-FT, locality at " in markdown and "Issue 17's batch goals" in markdown
     assert (tmp_path / "results.png").stat().st_size > 10_000
     assert len(json.loads((tmp_path / "values.json").read_text())["DFT_FT"]["reliability"][0]) == 4
 
@@ -72,7 +77,8 @@ def test_sequential_quick(tmp_path):
         for point in row["after"]:
             for metric in METRICS:
                 assert_interval(point[metric], *BOUNDS[metric])
-    assert "- DFT_FT − Full-FT, gen_locality: " in (tmp_path / "results.md").read_text()
+    markdown = (tmp_path / "results.md").read_text()
+    assert "- DFT_FT − Full-FT, gen_locality: " in markdown and "DFT_FT after 4 edits, locality ≥ 80" in markdown
     assert (tmp_path / "results.png").stat().st_size > 10_000
 
 

@@ -14,6 +14,7 @@ import torch
 from conftest import DATA_DIR
 from harness import EditRequest, Splits, generate_old_answers
 from intervals import bootstrap_mean, paired_difference
+from reporting import METRICS, goal_lines, pair_differences, sequential_goal_lines, tradeoff_lines
 from tiny_models import TOY_FACTS, tiny_llama, tiny_tokenizer
 
 # --- intervals ------------------------------------------------------------------------------------------------------
@@ -62,6 +63,59 @@ def test_transform_maps_mean_and_bounds():
     stat = bootstrap_mean([[0.1, 0.2, 0.3]], transform=lambda x: 100 * math.expm1(x))
     assert stat["mean"] == pytest.approx(100 * math.expm1(0.2))
     assert stat["lo"] <= stat["mean"] <= stat["hi"]
+
+
+# --- verdicts ------------------------------------------------------------------------------------------------------
+
+
+def stat(mean: float, lo: float, hi: float) -> dict:
+    return {"mean": mean, "lo": lo, "hi": hi}
+
+
+def diff(rel: dict, gen: dict, loc: dict) -> dict:
+    return {"reliability": rel, "generality": gen, "locality": loc,
+            "gen_reliability": rel, "gen_generality": gen, "gen_locality": loc}
+
+
+def test_locality_is_at_equal_reliability_only_when_the_reliability_difference_is_small_and_not_significant():
+    lines = tradeoff_lines({
+        "A": diff(stat(0.5, -1.0, 2.0), stat(0, 0, 0), stat(20, 10, 30)),
+        "B": diff(stat(-5.0, -9.0, -1.0), stat(0, 0, 0), stat(40, 30, 50)),
+        "C": diff(stat(-3.0, -8.0, 2.0), stat(0, 0, 0), stat(40, 30, 50)),  # not significant, but 3 points lower
+    })
+    assert lines[0] == ("- A − Full-FT, locality at equal reliability (teacher-forced): +20.0 [+10.0, +30.0] "
+                        "(reliability +0.5 [-1.0, +2.0])")
+    assert "at lower reliability" in lines[2] and "at lower reliability" in lines[4]
+    assert len(lines) == 6
+
+
+def test_batch_goals_need_the_locality_interval_above_zero():
+    met = goal_lines({"DFT_FT": diff(stat(-0.5, -2, 1), stat(-1.5, -4, 1), stat(12, 1, 20))})
+    assert len(met) == 6 and all(line.endswith("— met") for line in met)
+    missed = goal_lines({"DFT_FT": diff(stat(-1.5, -3, 0), stat(-2.5, -5, 0), stat(12, -1, 25))})
+    assert all(line.endswith("— missed") for line in missed)
+    assert goal_lines({"LoRA": diff(stat(0, 0, 0), stat(0, 0, 0), stat(0, 0, 0))}) == []
+
+
+def test_dft_lora_is_paired_with_lora_when_both_ran():
+    def values(shift: float) -> dict:
+        return {metric: [[shift + v for v in (1.0, 2.0, 3.0)]] for metric in METRICS}
+
+    pairs = pair_differences({"LoRA": values(0.0), "DFT_LoRA": values(10.0), "Full-FT": values(5.0)})
+    assert list(pairs) == ["DFT_LoRA − LoRA"] and pairs["DFT_LoRA − LoRA"]["locality"]["lo"] == pytest.approx(10.0)
+    assert pair_differences({"LoRA": values(0.0), "Full-FT": values(5.0)}) == {}
+
+
+def test_sequential_goals_compare_the_last_point_with_every_rival():
+    def after(rel: float, loc: float, kl: float) -> dict:
+        return {"after": [{"edits": 5}, {"edits": 10, "reliability": stat(rel, rel, rel),
+                                         "locality": stat(loc, loc, loc), "capability": stat(kl, kl, kl)}]}
+
+    lines = sequential_goal_lines({"DFT_FT": after(95, 85, 0.1), "Full-FT": after(99, 60, 0.5),
+                                   "LoRA": after(90, 50, 0.05)})
+    assert lines[0].startswith("- DFT_FT after 10 edits, reliability ≥ 90") and lines[0].endswith("missed")
+    assert lines[1].endswith("met")  # locality 85 ≥ 80, above 60 and 50
+    assert lines[2].endswith("missed (larger than LoRA's)")
 
 
 # --- generation scoring ---------------------------------------------------------------------------------------------

@@ -17,11 +17,15 @@ class OutputAnchor:
     its log-probabilities on them (`(count, length, vocab)`, stored in bfloat16).
 
     `kl(logits)` is the mean per-token KL(anchor ‖ now) of logits the model gives now on `input_ids`: zero for the
-    model the anchor was taken from, and larger the more its outputs on unrelated text moved.
+    model the anchor was taken from, and larger the more its outputs on unrelated text moved. `next_rows()` hands
+    out `per_step` of the texts at a time, cycling through all of them, so that a training step can hold a part of
+    the anchor at a fraction of the cost (`kl(logits, rows)`).
     """
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, count: int, length: int,
-                 seed: int) -> None:
+                 seed: int, per_step: int | None = None) -> None:
+        self.per_step = min(per_step or count, count)
+        self.cursor = 0  # the first text of the next step's rows
         start = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
                       if t is not None), None)
         if start is None:
@@ -39,8 +43,16 @@ class OutputAnchor:
             logits = model(input_ids=self.input_ids).logits[:, :-1]
             self.log_probs = F.log_softmax(logits.float(), dim=-1).to(torch.bfloat16)
 
-    def kl(self, logits: torch.Tensor) -> torch.Tensor:
-        """Mean per-token KL(anchor ‖ now) for `logits` (count, length + 1, vocab) on `input_ids`."""
+    def next_rows(self) -> torch.Tensor:
+        """The indices of the next `per_step` texts (wrapping around), for one training step."""
+        count = self.input_ids.shape[0]
+        rows = torch.arange(self.cursor, self.cursor + self.per_step) % count
+        self.cursor = (self.cursor + self.per_step) % count
+        return rows
+
+    def kl(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean per-token KL(anchor ‖ now) for `logits` (rows, length + 1, vocab) on `input_ids[rows]` (all texts
+        when `rows` is None)."""
         now = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        anchor = self.log_probs.float()
+        anchor = (self.log_probs if rows is None else self.log_probs[rows.to(self.log_probs.device)]).float()
         return (anchor.exp() * (anchor - now)).sum(-1).mean()

@@ -48,6 +48,10 @@ class EditArguments:
                 "kept 77.5 locality against 62.4 without it at the same reliability)."})
     preserve_texts: int = field(default=16, metadata={
         "check": "positive_int", "help": "Texts the model samples for that term (preserve_weight > 0)."})
+    preserve_batch: int | None = field(default=None, metadata={
+        "check": "positive_int",
+        "help": "Of those texts, how many each training step holds, cycling through them (default: all of them; "
+                "fewer make a step cheaper, as the texts outnumber an edit batch's tokens)."})
     preserve_length: int = field(default=32, metadata={
         "check": "positive_int", "help": "Tokens per sampled text (preserve_weight > 0)."})
     generate_max_new_tokens: int = field(default=16, metadata={

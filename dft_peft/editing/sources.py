@@ -214,7 +214,7 @@ class CoreValues(FineTune):
                 self.frozen[name] = mask, t.detach().clone()
 
     def hold(self, anchor: OutputAnchor, weight: float) -> None:
-        """Add `weight` · the anchor's KL to every step's loss."""
+        """Add `weight` · the anchor's KL on its next rows (`OutputAnchor.next_rows`) to every step's loss."""
         self.anchor, self.anchor_weight = anchor, weight
 
     def overrides(self) -> dict[str, torch.Tensor]:
@@ -226,9 +226,10 @@ class CoreValues(FineTune):
         loss = functional_call(self.model, overrides, args=(), kwargs=batch, strict=False).loss
         if self.anchor is None:
             return loss
-        ids = self.anchor.input_ids.to(batch["input_ids"].device)
+        rows = self.anchor.next_rows()
+        ids = self.anchor.input_ids[rows.to(self.anchor.input_ids.device)].to(batch["input_ids"].device)
         logits = functional_call(self.model, overrides, args=(), kwargs={"input_ids": ids}, strict=False).logits
-        return loss + self.anchor_weight * self.anchor.kl(logits)
+        return loss + self.anchor_weight * self.anchor.kl(logits, rows)
 
     def result(self) -> None:
         """Store the trained values in the adapter (frozen entries as they were)."""
