@@ -45,10 +45,12 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # cheaper edits: fewer locate epochs, a larger core learning rate, fewer anchor texts
     "locate_1epoch": ({}, {"epochs": 1}),
     "core_lr3e-3": ({}, {"core_learning_rate": 3e-3}),
-    "locate_1epoch_core_lr3e-3": ({}, {"epochs": 1, "core_learning_rate": 3e-3}),
     # the anchor's 16 texts of 32 tokens outnumber an edit batch's tokens: hold a few of them per step
     "anchor_batch4": ({}, {"preserve_batch": 4}),
     "anchor_batch4_locate_1epoch": ({}, {"preserve_batch": 4, "epochs": 1}),
+    # anchor text that starts like the edit's prompts
+    "anchor_prompts": ({}, {"preserve_from": "prompts"}),
+    "anchor_prompts_batch4": ({}, {"preserve_from": "prompts", "preserve_batch": 4}),
 }
 
 

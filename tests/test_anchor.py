@@ -44,11 +44,22 @@ def test_next_rows_cycle_through_every_text_and_score_only_those():
     assert OutputAnchor(model, tokenizer, count=3, length=4, seed=0, per_step=8).next_rows().tolist() == [0, 1, 2]
 
 
-def anchor_kl_after(weight: float, per_step: int | None = None) -> float:
+def test_texts_from_prompts_start_with_their_first_tokens():
+    model, tokenizer = tiny_llama(), tokenizer_with_bos()
+    prompts = [fact["prompt"] for fact in TOY_FACTS]
+    anchor = OutputAnchor(model, tokenizer, count=5, length=6, seed=0, prefixes=prompts)
+    assert anchor.input_ids.shape == (5, 1 + 2 + 6) and anchor.log_probs.shape == (5, 8, 96)
+    for i, row in enumerate(anchor.input_ids.tolist()):
+        assert row[1:3] == tokenizer(prompts[i % len(prompts)], add_special_tokens=False)["input_ids"][:2]
+    with torch.no_grad():
+        assert float(anchor.kl(model(input_ids=anchor.input_ids).logits)) < 1e-2
+
+
+def anchor_kl_after(weight: float, per_step: int | None = None, start: str = "start") -> float:
     tokenizer = tokenizer_with_bos()
     args = EditArguments(max_rounds=3, epochs=2, learning_rate=0.2, optimizer="sgd", batch_size=2, core_epochs=3,
                          core_learning_rate=1.0, seed=1, preserve_weight=weight, target_reliability=1.0,
-                         preserve_batch=per_step)
+                         preserve_batch=per_step, preserve_from=start)
     base = tiny_llama()
     anchor = OutputAnchor(base, tokenizer, args.preserve_texts, args.preserve_length, args.seed)
     edited, report = edit(base, tokenizer, TOY_FACTS, dft_peft.DFTConfig(top_t=0.2, target_modules=TARGETS), args,
@@ -58,9 +69,9 @@ def anchor_kl_after(weight: float, per_step: int | None = None) -> float:
         return float(anchor.kl(edited(input_ids=anchor.input_ids).logits))
 
 
-@pytest.mark.parametrize("per_step", [None, 4])
-def test_preserve_weight_holds_the_outputs_on_sampled_text(per_step):
-    assert anchor_kl_after(20.0, per_step) < anchor_kl_after(0.0, per_step)
+@pytest.mark.parametrize(("per_step", "start"), [(None, "start"), (4, "prompts")])
+def test_preserve_weight_holds_the_outputs_on_sampled_text(per_step, start):
+    assert anchor_kl_after(20.0, per_step, start) < anchor_kl_after(0.0, per_step, start)
 
 
 def test_a_tokenizer_without_start_tokens_is_refused():

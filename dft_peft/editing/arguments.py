@@ -52,6 +52,9 @@ class EditArguments:
         "check": "positive_int",
         "help": "Of those texts, how many each training step holds, cycling through them (default: all of them; "
                 "fewer make a step cheaper, as the texts outnumber an edit batch's tokens)."})
+    preserve_from: Literal["start", "prompts"] = field(default="start", metadata={
+        "help": "Where the model starts those texts: 'start' (its beginning-of-text token) or 'prompts' (the first "
+                "two tokens of the edit's prompts, text in the user's register)."})
     preserve_length: int = field(default=32, metadata={
         "check": "positive_int", "help": "Tokens per sampled text (preserve_weight > 0)."})
     generate_max_new_tokens: int = field(default=16, metadata={

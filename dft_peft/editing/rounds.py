@@ -142,7 +142,7 @@ def _run(
         reached = report.initial_reliability >= args.target_reliability
         trains_core = args.strategy == "locate_once" and args.max_rounds > 1 and not reached
         anchor = (OutputAnchor(peft_model, tokenizer, args.preserve_texts, args.preserve_length, args.seed,
-                               args.preserve_batch)
+                               args.preserve_batch, prompts if args.preserve_from == "prompts" else None)
                   if args.preserve_weight > 0 and trains_core else None)  # it holds core training only
 
         gen = torch.Generator().manual_seed(args.seed)
