@@ -42,6 +42,11 @@ SECTIONS = (
             "far (retention), locality and the capability probe. T = 100 in calls of 10, one seed, with DFT's "
             "default edit (output anchor on); the issue's T = 1,000 (`--full`) takes about ten times as long. One "
             "torch thread, while two other runs shared the 2-core machine."),
+    Section("Where CounterFact's locality goes", "neighbourhood/counterfact/results.json",
+            "neighbourhood/counterfact/results.md",
+            "The locality prompts of the CounterFact batch run above, answered by the edited models: whether each "
+            "answer stayed the unedited model's or became its request's new target (the edit learnt the relation, "
+            "not the subject)."),
     Section("Locate-then-edit baselines: single-edit sanity check", "baselines/sanity.json", "baselines/sanity.md",
             "ROME, MEMIT and AlphaEdit, written here from their papers, each on single zsRE edits of the base "
             "model before their figures are trusted in the tables above."),

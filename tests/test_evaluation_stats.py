@@ -14,6 +14,7 @@ import torch
 from conftest import DATA_DIR
 from harness import EditRequest, Splits, generate_old_answers
 from intervals import bootstrap_mean, paired_difference
+from neighbourhood import classify
 from reporting import METRICS, goal_lines, pair_differences, sequential_goal_lines, tradeoff_lines
 from tiny_models import TOY_FACTS, tiny_llama, tiny_tokenizer
 
@@ -116,6 +117,16 @@ def test_sequential_goals_compare_the_last_point_with_every_rival():
     assert lines[0].startswith("- DFT_FT after 10 edits, reliability ≥ 90") and lines[0].endswith("missed")
     assert lines[1].endswith("met")  # locality 85 ≥ 80, above 60 and 50
     assert lines[2].endswith("missed (larger than LoRA's)")
+
+
+@pytest.mark.parametrize(("answer", "expected"), [
+    ("French", "unchanged"),
+    ("English, of course", "own new target"),
+    ("German", "another new target"),
+    ("Latin", "other"),
+])
+def test_locality_answers_are_classed_by_where_they_went(answer, expected):
+    assert classify(answer, reference="French", own="English", others=["German", "Dutch"]) == expected
 
 
 # --- generation scoring ---------------------------------------------------------------------------------------------
