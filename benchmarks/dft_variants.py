@@ -1,9 +1,12 @@
-"""DFT variants on the zsRE tuning split (base protocol): what the default edit is chosen from.
+"""DFT variants on a tuning split (base protocol): what the default edit is chosen from.
 
 Each variant edits a fresh copy of SmolLM2 on the same tuning-split requests (never reported elsewhere) and is scored
-teacher-forced against the unedited model; Full-FT is the reference. One line of JSON per variant as it finishes.
+teacher-forced against the unedited model; Full-FT is the reference. The old answers are the model's own, as users
+have them, except for the variants of `OLD_FROM_DATA`, which keep the data's (zsRE's and CounterFact's true
+objects). One line of JSON per variant as it finishes; results/dft_variants/variants_FORMAT_nN.json keeps them all.
 
     python benchmarks/dft_variants.py --n 20 --variants no_preserve preserve1 mlp fullft
+    python benchmarks/dft_variants.py --format counterfact --n 20 --variants default old_from_data fullft
 """
 
 from __future__ import annotations
@@ -51,7 +54,10 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # anchor text that starts like the edit's prompts
     "anchor_prompts": ({}, {"preserve_from": "prompts"}),
     "anchor_prompts_batch4": ({}, {"preserve_from": "prompts", "preserve_batch": 4}),
+    # Δold from the data's true objects instead of the model's own continuations
+    "old_from_data": ({}, {}),
 }
+OLD_FROM_DATA = {"old_from_data"}
 
 
 def full_fine_tune(model: nn.Module, tokenizer, requests) -> float:
@@ -74,19 +80,22 @@ def full_fine_tune(model: nn.Module, tokenizer, requests) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=20, help="tuning-split requests")
+    parser.add_argument("--format", choices=list(DATASETS), default="zsre")
     parser.add_argument("--variants", nargs="+", default=["no_preserve", "preserve1", "fullft"],
                         choices=[*VARIANTS, "fullft"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dft_variants"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    requests = for_protocol(Splits.of(DATA_DIR / DATASETS["zsre"], "zsre").draw("tuning", 0, args.n), "base")
+    drawn = Splits.of(DATA_DIR / DATASETS[args.format], args.format).draw("tuning", 0, args.n)
+    requests = for_protocol(drawn, "base")
     base, tokenizer = load_model("smollm2")
     reference = locality_reference(base, tokenizer, requests)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"variants_n{args.n}.json"
+    path = args.out / f"variants_{args.format}_n{args.n}.json"
     summary = json.loads(path.read_text()) if path.exists() else {
-        "n": args.n, "split": f"zsRE tuning split (harness.Splits, first {args.n}), base protocol", "variants": {}}
+        "n": args.n, "split": f"{args.format} tuning split (harness.Splits, first {args.n}), base protocol",
+        "variants": {}}
     results = summary["variants"]
     for name in args.variants:
         model = copy.deepcopy(base)
@@ -94,8 +103,8 @@ def main() -> int:
             seconds, rounds = full_fine_tune(model, tokenizer, requests), []
         else:
             config, arguments = VARIANTS[name]
-            model, report = edit(model, tokenizer, requests, DFTConfig(**config), EditArguments(**arguments),
-                                 progress=False)
+            model, report = edit(model, tokenizer, drawn if name in OLD_FROM_DATA else requests,
+                                 DFTConfig(**config), EditArguments(**arguments), progress=False)
             seconds = report.seconds
             rounds = [{"kind": r.kind, "seconds": r.seconds, "reliability": 100 * r.reliability}
                       for r in report.rounds]

@@ -87,19 +87,34 @@ def section_text(section: Section) -> list[str]:
     return [*lines, ""]
 
 
+VARIANT_FILES = {"zsRE": "variants_zsre_n20.json", "CounterFact": "variants_counterfact_n20.json"}
+
+
 def variants_text() -> list[str]:
-    """The DFT variants of the tuning split (`benchmarks/dft_variants.py`) as a table."""
-    path = RESULTS / "dft_variants" / "variants_n20.json"
-    if not path.exists():
-        return []
-    run = json.loads(path.read_text())
-    lines = ["## DFT variants on the tuning split", "",
-             f"{run['n']} requests of the {run['split']}, teacher-forced, locality against the unedited model "
-             "(`python benchmarks/dft_variants.py`). " + run.get("note", ""), "",
-             "| variant | reliability | generality | locality | seconds |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {v['reliability']:.1f} | {v['generality']:.1f} | {v['locality']:.1f} | {v['seconds']:.0f} |"
-              for name, v in run["variants"].items()]
-    return [*lines, ""]
+    """The DFT variants of the tuning splits (`benchmarks/dft_variants.py`) as one table per dataset."""
+    lines = []
+    for label, name in VARIANT_FILES.items():
+        path = RESULTS / "dft_variants" / name
+        if not path.exists():
+            continue
+        run = json.loads(path.read_text())
+        lines += [f"## DFT variants on the {label} tuning split", "",
+                  f"{run['n']} requests of the {run['split']}, teacher-forced, locality against the unedited model "
+                  f"(`python benchmarks/dft_variants.py --format {label.lower()} --variants NAME ...`; the script "
+                  "defines each variant; `fullft` is Full-FT). Each row ran with one torch thread while other "
+                  "benchmark runs shared the 2-core machine: compare seconds between rows measured close together "
+                  f"(the last column). {run.get('note', '')}", "",
+                  "| variant | reliability | generality | locality | seconds | rounds: locate s, then core-value "
+                  "rounds × s | measured |", "|---|---|---|---|---|---|---|"]
+        for variant, v in run["variants"].items():
+            rounds = v.get("rounds") or []
+            core = [r["seconds"] for r in rounds if r["kind"] == "train_core"]
+            split = (f"{rounds[0]['seconds']:.0f}" + (f", {len(core)} × {sum(core) / len(core):.0f}" if core else "")
+                     if rounds else "—")
+            lines.append(f"| {variant} | {v['reliability']:.1f} | {v['generality']:.1f} | {v['locality']:.1f} | "
+                         f"{v['seconds']:.0f} | {split} | {v.get('measured', '- 16:37–17:26 UTC').split(' ', 1)[1]} |")
+        lines.append("")
+    return lines
 
 
 HEADLINE = ("<!-- headline -->", "<!-- /headline -->")
