@@ -4,9 +4,10 @@ Methods: "Full-FT" (AdamW on every targeted linear layer, loss on the answer tok
 ±eps of the unedited weights, Zhu et al. 2020), "FT-M" (EasyEdit's fine-tune with the loss on the target tokens,
 of one MLP down-projection: layer 20, at the relative depth of EasyEdit's layer 21 of LLaMA-2-7B's 32; see
 `FT_M_LAYER`), "LoRA" (peft LoRA on the targeted layers), "DFT_FT" / "DFT_LoRA" (`dft_peft.edit`
-with delta_source "full" / "lora"), and "ROME", "MEMIT", "AlphaEdit" from `benchmarks/baselines` when that package
-is present. The targeted layers are every linear layer but the output head. Hyper-parameters (`HYPERPARAMS`) were
-chosen on the tuning split, except FT-M's, which follow EasyEdit's.
+with delta_source "full" / "lora"), "DFT_FT+old" (DFT_FT given the data's old answers, see `DATA_OLD_ANSWERS`),
+and "ROME", "MEMIT", "AlphaEdit" from `benchmarks/baselines` when that package is present. The targeted layers are
+every linear layer but the output head. Hyper-parameters (`HYPERPARAMS`) were chosen on the tuning split, except
+FT-M's, which follow EasyEdit's.
 """
 
 from __future__ import annotations
@@ -56,8 +57,12 @@ HYPERPARAMS: dict[str, dict] = {
     "DFT_LoRA": {"top_t": 0.05, "lam": 1.0, "strategy": "locate_once", "epochs": 2, "old_epochs": 2,
                  "learning_rate": 1e-3, "core_epochs": 1, "core_learning_rate": 2e-3, "max_rounds": 8},
 }
+HYPERPARAMS["DFT_FT+old"] = HYPERPARAMS["DFT_FT"]
+# methods given the data's old answers (the true objects) under the base protocol too, where the others edit
+# without them: DFT_FT+old is DFT_FT with Δold fine-tuned on them instead of on the model's own continuations
+DATA_OLD_ANSWERS = frozenset({"DFT_FT+old"})
 QUICK_OVERRIDES = ["DFT_FT.max_rounds=2", "DFT_LoRA.max_rounds=2"]  # --quick: a smoke test, minutes in CI
-OWN_METHODS = ("Full-FT", "FT-c", "FT-M", "LoRA", "DFT_FT", "DFT_LoRA")
+OWN_METHODS = ("Full-FT", "FT-c", "FT-M", "LoRA", "DFT_FT", "DFT_LoRA", "DFT_FT+old")
 BASELINE_METHODS = ("ROME", "MEMIT", "AlphaEdit")
 
 
@@ -228,8 +233,8 @@ def make_editor(name: str, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                               hp["epochs"], hp["batch_size"], seed)
     if name == "LoRA":
         return LoRAEditor(name, model, tokenizer, hp["lr"], hp["epochs"], hp["r"], hp["alpha"], seed)
-    if name in ("DFT_FT", "DFT_LoRA"):
-        return DFTEditor(name, model, tokenizer, "full" if name == "DFT_FT" else "lora", hp, seed)
+    if name in ("DFT_FT", "DFT_LoRA", "DFT_FT+old"):
+        return DFTEditor(name, model, tokenizer, "lora" if name == "DFT_LoRA" else "full", hp, seed)
     if name in BASELINE_METHODS:
         if not baselines_available():
             raise ValueError(f"{name} comes from benchmarks/baselines, which is not present in this checkout")

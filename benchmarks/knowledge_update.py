@@ -25,6 +25,7 @@ from typing import Any
 
 from editors import (
     BASELINE_METHODS,
+    DATA_OLD_ANSWERS,
     HYPERPARAMS,
     QUICK_OVERRIDES,
     available_methods,
@@ -78,13 +79,13 @@ def run(args: argparse.Namespace, base, tokenizer) -> dict:
             if args.protocol == "paper":
                 key = {"data": str(args.data), "model": args.model, "split": args.split, "seed": seed}
                 unedited = original_model(base, tokenizer, requests, args.cache, key)
-            requests = for_protocol(requests, args.protocol)
+            drawn, requests = requests, for_protocol(requests, args.protocol)
             scorer = Scorer(unedited, tokenizer, requests, texts)
             for method in args.methods:
                 progress.set_description(f"seed {seed}: {method}")
                 editor = make_editor(method, copy.deepcopy(unedited), tokenizer, args.cache, seed)
                 tick = time.perf_counter()
-                editor.apply(requests)
+                editor.apply(drawn if method in DATA_OLD_ANSWERS else requests)
                 costs[method]["seconds"].append(time.perf_counter() - tick)
                 costs[method]["file_bytes"].append(editor.file_bytes())
                 tick = time.perf_counter()

@@ -25,7 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-from editors import BASELINE_METHODS, HYPERPARAMS, QUICK_OVERRIDES, available_methods, make_editor, override
+from editors import (
+    BASELINE_METHODS,
+    DATA_OLD_ANSWERS,
+    HYPERPARAMS,
+    QUICK_OVERRIDES,
+    available_methods,
+    make_editor,
+    override,
+)
 from harness import (
     PROBE_POSITIONS,
     QUICK_PROBE_POSITIONS,
@@ -82,7 +90,8 @@ def run(args: argparse.Namespace, base, tokenizer) -> dict:
     score_seconds = {m: [] for m in args.methods}
     with tqdm(total=args.seeds * len(args.methods) * calls, desc="sequential editing") as progress:
         for seed in range(args.seeds):
-            requests = for_protocol(splits.draw("report", seed, args.total), "base")
+            drawn = splits.draw("report", seed, args.total)
+            requests = for_protocol(drawn, "base")
             rng = random.Random(seed)
             local = sample(range(args.total), args.eval_requests, rng)
             retained = {p: sample(range(min(p * args.batch, args.total)), args.eval_requests, rng) for p in points}
@@ -90,11 +99,12 @@ def run(args: argparse.Namespace, base, tokenizer) -> dict:
             scorer = Scorer(base, tokenizer, requests, texts)
             for method in args.methods:
                 editor = make_editor(method, copy.deepcopy(base), tokenizer, args.cache, seed)
+                given = drawn if method in DATA_OLD_ANSWERS else requests
                 per_call = []
                 for call in range(1, calls + 1):
                     progress.set_description(f"seed {seed}: {method}, call {call}/{calls}")
                     tick = time.perf_counter()
-                    editor.apply(requests[(call - 1) * args.batch : call * args.batch])
+                    editor.apply(given[(call - 1) * args.batch : call * args.batch])
                     per_call.append(time.perf_counter() - tick)
                     if call in retained:
                         tick = time.perf_counter()
