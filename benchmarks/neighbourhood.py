@@ -5,11 +5,12 @@ of" next to the edit "The mother tongue of Danielle Darrieux is → English"), s
 rather than the subject answers it with the new target. zsRE's locality prompts are unrelated questions. After each
 method edits the same N requests of the report split in one batch (as `knowledge_update.py`, seed 0), every
 locality prompt's greedy answer is put in one class: unchanged (the unedited model's answer), the new target of its
-own request, the new target of another request of the batch, or something else. Nothing is tuned here: the run
-explains the batch benchmark's locality figures.
+own request, the new target of another request of the batch, or something else. It also says how often the
+model's own answer to an edit prompt (what DFT's Δold trains on when the requests carry no old answer) is the data's
+old answer. Nothing is tuned here: the run explains the batch benchmark's locality figures.
 
     python benchmarks/neighbourhood.py --data ../shared/data/counterfact-edit-10k.json --format counterfact \
-        --methods Full-FT DFT_FT ROME
+        --methods Full-FT DFT_FT DFT_FT+old ROME
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import gc
 import sys
 from pathlib import Path
 
-from editors import available_methods, make_editor
-from harness import Splits, add_run_arguments, execute, for_protocol
+from editors import DATA_OLD_ANSWERS, available_methods, make_editor
+from harness import Splits, add_run_arguments, execute, for_protocol, generate_old_answers
 from reporting import color_map, pyplot, write_json
 from scoring import answer_budget, greedy_answers, matches, unchanged
 from tqdm.auto import tqdm
@@ -41,16 +42,21 @@ def classify(answer: str, reference: str, own: str, others: list[str]) -> str:
 
 
 def run(args: argparse.Namespace, base, tokenizer) -> dict:
-    requests = for_protocol(Splits.of(args.data, args.format).draw("report", 0, args.n_edits), "base")
+    drawn = Splits.of(args.data, args.format).draw("report", 0, args.n_edits)
+    requests = for_protocol(drawn, "base")
     prompts = [r.locality_prompt for r in requests]
     budgets = [max(answer_budget(tokenizer, r.target_new), answer_budget(tokenizer, r.locality_answer))
                for r in requests]
     reference = greedy_answers(base, tokenizer, prompts, budgets)
     targets = [r.target_new for r in requests]
+    own = generate_old_answers(base, tokenizer, [r.prompt for r in drawn])
+    old_answers = {"matching": 100 * sum(matches(a, r.target_old) for a, r in zip(own, drawn)) / len(drawn),
+                   "examples": [{"prompt": r.prompt, "own": a, "data": r.target_old}
+                                for a, r in zip(own[: args.examples], drawn)]}
     methods, examples = {}, {}
     for method in tqdm(args.methods, desc="neighbourhood"):
         editor = make_editor(method, copy.deepcopy(base), tokenizer, args.cache, 0)
-        editor.apply(requests)
+        editor.apply(drawn if method in DATA_OLD_ANSWERS else requests)
         answers = greedy_answers(editor.model, tokenizer, prompts, budgets)
         classes = [classify(a, ref, own, targets[:i] + targets[i + 1:])
                    for i, (a, ref, own) in enumerate(zip(answers, reference, targets))]
@@ -59,7 +65,7 @@ def run(args: argparse.Namespace, base, tokenizer) -> dict:
                             for p, ref, a, t, c in zip(prompts, reference, answers, targets, classes)][: args.examples]
         del editor
         gc.collect()
-    return {"methods": methods, "examples": examples}
+    return {"methods": methods, "examples": examples, "old_answers": old_answers}
 
 
 def write_outputs(out: Path, results: dict) -> None:
@@ -73,6 +79,12 @@ def write_outputs(out: Path, results: dict) -> None:
              "| Method | " + " | ".join(CLASSES) + " |", "|---" * (len(CLASSES) + 1) + "|"]
     lines += [f"| {m} | " + " | ".join(f"{row[c]:.1f}" for c in CLASSES) + " |"
               for m, row in results["methods"].items()]
+    old = results["old_answers"]
+    lines += ["", "## The model's own old answers", "",
+              f"The unedited model's greedy answer to the edit prompt (as `dft_peft.edit` generates it) begins "
+              f"with the data's old answer for {old['matching']:.1f}% of the requests.", "",
+              "| prompt | model's own answer | data's old answer |", "|---|---|---|"]
+    lines += [f"| {e['prompt']} | {e['own']} | {e['data']} |" for e in old["examples"]]
     lines += ["", "## Examples", "", "| Method | locality prompt | unedited | edited | edit's new target | class |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {m} | {e['locality_prompt']} | {e['unedited']} | {e['edited']} | {e['target_new']} | {e['class']} |"

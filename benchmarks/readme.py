@@ -28,14 +28,16 @@ SECTIONS = (
             "DFT against fine-tuning, LoRA and the locate-then-edit editors, all editing the pretrained model: "
             "teacher-forced and generated-answer scores with 95% bootstrap intervals, and each method's paired "
             "difference against Full-FT on the same requests. This run is smaller than the issue's 200 edits × 3 "
-            "seeds per dataset (about 5 hours per dataset here): 40 zsRE edits, one seed; ROME, FT-c and DFT_LoRA "
-            "were not run in it. Full-FT, FT-M and LoRA were timed while test runs shared the machine, so their "
-            "seconds are inflated; DFT_FT, MEMIT and AlphaEdit ran alone."),
+            "seeds per dataset (about 5 hours per dataset here): 40 zsRE edits, one seed. ROME, DFT_LoRA and "
+            "DFT_FT+old (DFT_FT given the data's true old answers instead of generating the model's own) were added "
+            "to the same requests later (`--add`, one thread, while other runs shared the machine); FT-c was not "
+            "run. Full-FT, FT-M and LoRA were timed while test runs shared the machine, so their seconds are "
+            "inflated; DFT_FT, MEMIT and AlphaEdit ran alone."),
     Section("Knowledge editing in one batch (CounterFact)", "knowledge_update/counterfact/results.json",
             "knowledge_update/counterfact/results.md",
             "The same comparison on 40 CounterFact edits (one seed), with ROME added (one edit after another, as its "
-            "paper ran batches). One torch thread, while two other runs of this benchmark shared the 2-core "
-            "machine: the seconds are comparable within the run only roughly."),
+            "paper ran batches), and DFT_FT+old added later on the same requests (`--add`). One torch thread, while "
+            "two other runs of this benchmark shared the 2-core machine: the seconds compare only roughly."),
     Section("Sequential editing (zsRE, 100 edits in calls of 10)", "sequential/zsre_t100_b10/results.json",
             "sequential/zsre_t100_b10/results.md",
             "Edits applied in successive calls to one model: after each scored call, the scores over every edit so "
@@ -118,7 +120,7 @@ def variants_text() -> list[str]:
 
 
 HEADLINE = ("<!-- headline -->", "<!-- /headline -->")
-HEADLINE_METHODS = ("Full-FT", "LoRA", "FT-M", "ROME", "MEMIT", "AlphaEdit", "DFT_FT")
+HEADLINE_METHODS = ("Full-FT", "LoRA", "FT-M", "ROME", "MEMIT", "AlphaEdit", "DFT_FT", "DFT_FT+old")
 
 
 HEADLINE_DATASETS = {"zsre": "zsRE", "counterfact": "CounterFact"}
