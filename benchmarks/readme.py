@@ -38,17 +38,17 @@ SECTIONS = (
             "The same comparison on 40 CounterFact edits (one seed), with ROME added (one edit after another, as its "
             "paper ran batches), and DFT_FT+old added later on the same requests (`--add`). One torch thread, while "
             "two other runs of this benchmark shared the 2-core machine: the seconds compare only roughly."),
+    Section("Where CounterFact's locality goes", "neighbourhood/counterfact/results.json",
+            "neighbourhood/counterfact/results.md",
+            "The locality prompts of the CounterFact batch run above, answered by the edited models: whether each "
+            "answer stayed the unedited model's or became its request's new target (the edit learnt the relation, "
+            "not the subject)."),
     Section("Sequential editing (zsRE, 100 edits in calls of 10)", "sequential/zsre_t100_b10/results.json",
             "sequential/zsre_t100_b10/results.md",
             "Edits applied in successive calls to one model: after each scored call, the scores over every edit so "
             "far (retention), locality and the capability probe. T = 100 in calls of 10, one seed, with DFT's "
             "default edit (output anchor on); the issue's T = 1,000 (`--full`) takes about ten times as long. One "
             "torch thread, while two other runs shared the 2-core machine."),
-    Section("Where CounterFact's locality goes", "neighbourhood/counterfact/results.json",
-            "neighbourhood/counterfact/results.md",
-            "The locality prompts of the CounterFact batch run above, answered by the edited models: whether each "
-            "answer stayed the unedited model's or became its request's new target (the edit learnt the relation, "
-            "not the subject)."),
     Section("Locate-then-edit baselines: single-edit sanity check", "baselines/sanity.json", "baselines/sanity.md",
             "ROME, MEMIT and AlphaEdit, written here from their papers, each on single zsRE edits of the base "
             "model before their figures are trusted in the tables above."),
@@ -89,6 +89,7 @@ def section_text(section: Section) -> list[str]:
     return [*lines, ""]
 
 
+VARIANTS_AFTER = "neighbourhood/counterfact/results.md"  # the variants tables follow the batch runs
 VARIANT_FILES = {"zsRE": "variants_zsre_n20.json", "CounterFact": "variants_counterfact_n20.json"}
 
 
@@ -166,7 +167,7 @@ def main() -> int:
              "`benchmarks/kernel_speed_gpu.py` is ready for a machine that has one.", ""]
     for section in SECTIONS:
         lines += section_text(section)
-        if section.markdown.startswith("knowledge_update"):
+        if section.markdown == VARIANTS_AFTER:
             lines += variants_text()
     (HERE / "README.md").write_text("\n".join(lines).rstrip() + "\n")
     write_headline(HERE.parent / "README.md")
