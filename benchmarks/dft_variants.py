@@ -56,6 +56,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "anchor_prompts_batch4": ({}, {"preserve_from": "prompts", "preserve_batch": 4}),
     # Δold from the data's true objects instead of the model's own continuations
     "old_from_data": ({}, {}),
+    # the model's own old answers asked for after example facts, in the form of the new answers
+    "old_shots": ({}, {"old_answer_shots": True}),
 }
 OLD_FROM_DATA = {"old_from_data"}
 

@@ -14,6 +14,7 @@ from tiny_models import TOY_FACTS, tiny_llama, tiny_tokenizer
 
 import dft_peft
 from dft_peft import EditArguments, edit
+from dft_peft.editing import old_answers
 from dft_peft.editing.training import EpochBatches
 from dft_peft.evaluation.metrics import target_token_accuracy
 from dft_peft.selection import select_core_naive
@@ -109,6 +110,24 @@ def test_old_answers_are_generated_when_missing():
     assert len(report.old_answers) == len(facts) and all(report.old_answers)
     vocabulary = set(tokenizer.get_vocab())
     assert all(set(a.split()) <= vocabulary for a in report.old_answers)
+
+
+def test_old_answers_with_shots_follow_the_example_facts(monkeypatch):
+    seen = []
+
+    def greedy(model, tokenizer, inputs, max_new_tokens):
+        seen.append(inputs["input_ids"][0].tolist())
+        return "answer"
+
+    monkeypatch.setattr(old_answers, "_greedy", greedy)
+    tokenizer, prompts = tiny_tokenizer(), [f["prompt"] for f in TOY_FACTS[:2]]
+    assert old_answers.generate_old_answers(tiny_llama(), tokenizer, prompts, shots=True) == ["answer", "answer"]
+    old_answers.generate_old_answers(tiny_llama(), tokenizer, prompts)  # without shots: the prompt alone
+    assert seen[2:] == [tokenizer(p)["input_ids"] for p in prompts]
+    first = tokenizer(" ".join(old_answers.EXAMPLE_FACTS[0]))["input_ids"]  # "The capital of France is Paris"
+    for with_shots, alone in zip(seen[:2], seen[2:]):
+        assert with_shots[: len(first)] == first and with_shots[-len(alone):] == alone
+        assert len(with_shots) > len(alone) + len(first)
 
 
 @pytest.mark.parametrize("source", ["full", "lora"])

@@ -59,6 +59,9 @@ class EditArguments:
         "check": "positive_int", "help": "Tokens per sampled text (preserve_weight > 0)."})
     generate_max_new_tokens: int = field(default=16, metadata={
         "check": "positive_int", "help": "Length limit of the old answers the model generates."})
+    old_answer_shots: bool = field(default=False, metadata={
+        "help": "Generate the model's own old answers after four well-known example facts, one per line, so that "
+                "they come as short facts like the new answers rather than as prose."})
     eval_batch_size: int = field(default=16, metadata={
         "check": "positive_int", "help": "Batch size of the reliability checks."})
 

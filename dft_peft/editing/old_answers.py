@@ -11,20 +11,31 @@ from transformers import PreTrainedTokenizerBase
 
 from ..evaluation.metrics import module_mode
 
+# Well-known facts, one per line, that put the model in the mode of answering with a short fact (`shots=True`).
+EXAMPLE_FACTS = (
+    ("The capital of France is", "Paris"),
+    ("What is the largest planet of the solar system?", "Jupiter"),
+    ("The author of Hamlet is", "William Shakespeare"),
+    ("Who painted the Mona Lisa?", "Leonardo da Vinci"),
+)
+
 
 def generate_old_answers(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 16
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 16,
+    shots: bool = False,
 ) -> list[str]:
     """The model's own greedy answers: the old knowledge DFT locates (§4.1), so users supply only the new facts.
 
     The model continues each prompt as it is read in training and evaluation (`prompt + " " + answer`); a chat
     model that only ends its turn there is asked again through its chat template. The answer is cut at the first
-    line break or sentence end.
+    line break or sentence end. With `shots`, each prompt follows the `EXAMPLE_FACTS` lines, so that the answer
+    comes as a short fact, in the form of the new answers, rather than as prose.
     """
+    preamble = "".join(f"{p} {a}\n" for p, a in EXAMPLE_FACTS) if shots else ""
     with module_mode(model, training=False), torch.no_grad():
         answers = []
         for prompt in prompts:
-            answer = _greedy(model, tokenizer, tokenizer(prompt, return_tensors="pt"), max_new_tokens)
+            answer = _greedy(model, tokenizer, tokenizer(preamble + prompt, return_tensors="pt"), max_new_tokens)
             if not answer and getattr(tokenizer, "chat_template", None):
                 chat = tokenizer.apply_chat_template(
                     [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",

@@ -132,7 +132,7 @@ def _run(
         report = EditReport(initial_reliability=reliability())
         missing = [i for i, r in enumerate(requests) if r.target_old is None]
         generated = generate_old_answers(peft_model, tokenizer, [prompts[i] for i in missing],
-                                         args.generate_max_new_tokens) if missing else []
+                                         args.generate_max_new_tokens, args.old_answer_shots) if missing else []
         old_answers = [r.target_old for r in requests]
         for i, answer in zip(missing, generated):
             if not answer:
