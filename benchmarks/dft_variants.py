@@ -18,22 +18,19 @@ import time
 from pathlib import Path
 
 import torch
+from editors import make_editor
 from harness import (
     DATA_DIR,
     DATASETS,
     DFTConfig,
     EditArguments,
-    EpochBatches,
-    ModelLoss,
     Splits,
     edit,
     evaluate,
     for_protocol,
     load_model,
     locality_reference,
-    train,
 )
-from torch import nn
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
 # name → (DFTConfig overrides, EditArguments overrides); the edit's defaults otherwise
@@ -62,23 +59,6 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 OLD_FROM_DATA = {"old_from_data"}
 
 
-def full_fine_tune(model: nn.Module, tokenizer, requests) -> float:
-    """The benchmarks' Full-FT (every linear layer but the head, AdamW lr 1e-4, 5 epochs); returns its seconds."""
-    tick = time.perf_counter()
-    head = model.get_output_embeddings()
-    params = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    batches = EpochBatches(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], 8,
-                           torch.Generator().manual_seed(0))
-    model.train()
-    train(ModelLoss(model), batches, 5, 1e-4, "adamw")
-    model.eval()
-    return time.perf_counter() - tick
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=20, help="tuning-split requests")
@@ -102,7 +82,9 @@ def main() -> int:
     for name in args.variants:
         model = copy.deepcopy(base)
         if name == "fullft":
-            seconds, rounds = full_fine_tune(model, tokenizer, requests), []
+            tick = time.perf_counter()
+            make_editor("Full-FT", model, tokenizer, args.out, seed=0).apply(requests)
+            seconds, rounds = time.perf_counter() - tick, []
         else:
             config, arguments = VARIANTS[name]
             model, report = edit(model, tokenizer, drawn if name in OLD_FROM_DATA else requests,

@@ -125,9 +125,9 @@ def write_outputs(out: Path, results: dict) -> None:
         write_json(out / "values.json", values)
     write_json(out / "results.json", results)
     title = f"Batch editing, {config['format']}, protocol {config['protocol']}"
-    lines = [f"# {title}", "", f"Command: `{config['command']}`", "",
-             *[f"Methods {', '.join(a['methods'])} added by `{a['command']}` ({a['threads']} thread(s))."
-               for a in config.get("added", [])], "",
+    added = [f"Methods {', '.join(a['methods'])} added by `{a['command']}` ({a['threads']} thread(s))."
+             for a in config.get("added", [])]
+    lines = [f"# {title}", "", f"Command: `{config['command']}`", "", *([*added, ""] if added else []),
              f"Model {config['model']}; {config['n_edits']} edits × {config['seeds']} seed(s) from the "
              f"{config['split']} split of `{Path(config['data']).name}` (seed s: requests [s·N, (s+1)·N) of it), "
              f"{config['threads']} thread(s); total {config['total_seconds'] / 60:.1f} min, peak RSS "

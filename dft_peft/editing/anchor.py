@@ -15,8 +15,8 @@ from ..evaluation.metrics import module_mode
 
 class OutputAnchor:
     """`count` texts of `length` tokens sampled from the model itself (seeded) from its beginning-of-text token (the
-    end-of-text or pad token where it has none), and
-    its log-probabilities on them (`(count, length, vocab)`, stored in bfloat16).
+    end-of-text or pad token where it has none), and its log-probabilities on them (`(count, tokens − 1, vocab)`,
+    stored in bfloat16).
 
     `kl(logits)` is the mean per-token KL(anchor ‖ now) of logits the model gives now on `input_ids`: zero for the
     model the anchor was taken from, and larger the more its outputs on unrelated text moved. `next_rows()` hands
