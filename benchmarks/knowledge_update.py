@@ -125,8 +125,7 @@ def write_outputs(out: Path, results: dict) -> None:
         write_json(out / "values.json", values)
     write_json(out / "results.json", results)
     title = f"Batch editing, {config['format']}, protocol {config['protocol']}"
-    added = [f"Methods {', '.join(a['methods'])} added by `{a['command']}` ({a['threads']} thread(s))."
-             for a in config.get("added", [])]
+    added = [added_line(a) for a in config.get("added", [])]
     lines = [f"# {title}", "", f"Command: `{config['command']}`", "", *([*added, ""] if added else []),
              f"Model {config['model']}; {config['n_edits']} edits × {config['seeds']} seed(s) from the "
              f"{config['split']} split of `{Path(config['data']).name}` (seed s: requests [s·N, (s+1)·N) of it), "
@@ -157,6 +156,15 @@ def write_outputs(out: Path, results: dict) -> None:
     plot_batch(out / "results.png", results["methods"], title)
 
 
+def added_line(added: dict) -> str:
+    """One `--add` run in words: which methods it added, which it re-run in place of earlier figures."""
+    replaced = added.get("replaced", [])
+    new = [m for m in added["methods"] if m not in replaced]
+    parts = [f"{', '.join(new)} added"] if new else []
+    parts += [f"{', '.join(replaced)} re-run, replacing earlier figures"] if replaced else []
+    return f"Methods {' and '.join(parts)} by `{added['command']}` ({added['threads']} thread(s))."
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, "benchmarks/results/knowledge_update",
@@ -172,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--add", action="store_true",
                         help="add --methods to the run in --out (same data, edits, seeds, protocol and split), "
                              "keeping its other methods' figures")
+    parser.add_argument("--replace", action="store_true",
+                        help="with --add: re-run --methods the run already holds (after a hyper-parameter change), "
+                             "replacing their figures")
     args = parser.parse_args(argv)
     command = "python benchmarks/knowledge_update.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.render:
@@ -204,19 +215,23 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads, "probe": probe_description(args.probe_positions),
         "notes": args.notes.read_text() if args.notes else None,
     }
+    if args.replace and not args.add:
+        parser.error("--replace re-runs methods of the run in --out: it goes with --add")
     if not args.add:
         return execute(args, run, write_outputs, config)
-    prior, prior_values = added_to(args.out, config, parser)
+    prior, prior_values = added_to(args.out, config, args.replace, parser)
+    before = prior["config"]["methods"]
     return execute(args, run_adding(prior, prior_values), write_outputs, {
-        **prior["config"], "methods": [*prior["config"]["methods"], *args.methods],
+        **prior["config"], "methods": [*before, *(m for m in args.methods if m not in before)],
         "hyperparameters": {**prior["config"]["hyperparameters"], **config["hyperparameters"]},
         "added": [*prior["config"].get("added", []),
-                  {"command": command, "methods": args.methods, "threads": args.threads}]})
+                  {"command": command, "methods": args.methods, "threads": args.threads,
+                   "replaced": [m for m in args.methods if m in before]}]})
 
 
-def added_to(out: Path, config: dict, parser: argparse.ArgumentParser) -> tuple[dict, dict]:
+def added_to(out: Path, config: dict, replace: bool, parser: argparse.ArgumentParser) -> tuple[dict, dict]:
     """The prior run in `out` that `--add` extends (its results and per-unit values), checked to be the same
-    requests and scoring as `config`'s and to lack its methods."""
+    requests and scoring as `config`'s and, unless `replace`, to lack its methods."""
     try:
         prior = json.loads((out / "results.json").read_text())
         prior_values = json.loads((out / "values.json").read_text())
@@ -226,8 +241,8 @@ def added_to(out: Path, config: dict, parser: argparse.ArgumentParser) -> tuple[
     before = prior["config"]
     if differ := [f"{k}={before.get(k)!r}" for k in keys if before.get(k) != config[k]]:
         parser.error(f"--add: {out} was run with other settings ({', '.join(differ)})")
-    if again := [m for m in config["methods"] if m in prior["methods"]]:
-        parser.error(f"--add: {out} already holds {again}")
+    if not replace and (again := [m for m in config["methods"] if m in prior["methods"]]):
+        parser.error(f"--add: {out} already holds {again} (--replace re-runs them)")
     return prior, prior_values
 
 if __name__ == "__main__":

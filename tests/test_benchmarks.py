@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -11,6 +12,7 @@ import sys
 
 import pytest
 from conftest import DATA_DIR
+from knowledge_update import added_line, added_to
 
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 FILES = {"zsre": os.path.join(DATA_DIR, "zsre_mend-800.json"),
@@ -100,3 +102,19 @@ def test_kernels_gpu_script_runs_under_the_interpreter(tmp_path):
     assert [r["selection"] for r in results["selection"]] == ["global", "per_module"]
     assert results["merge"]["lora_over_core"] > 0
     assert (tmp_path / "kernels_gpu.md").exists() and (tmp_path / "kernels_gpu.png").exists()
+
+
+def test_add_refuses_a_held_method_unless_replacing(tmp_path):
+    config = {"model": "smollm2", "data": "d.json", "format": "zsre", "protocol": "base", "split": "report",
+              "n_edits": 4, "seeds": 1, "probe": "p", "methods": ["FT-M"]}
+    (tmp_path / "results.json").write_text(json.dumps({"config": config, "methods": {"FT-M": {}}}))
+    (tmp_path / "values.json").write_text(json.dumps({"FT-M": {}}))
+    parser = argparse.ArgumentParser()
+    with pytest.raises(SystemExit):
+        added_to(tmp_path, config, False, parser)
+    prior, _ = added_to(tmp_path, config, True, parser)
+    assert list(prior["methods"]) == ["FT-M"]
+    with pytest.raises(SystemExit):
+        added_to(tmp_path, {**config, "n_edits": 5}, True, parser)  # other requests: never merged
+    line = added_line({"command": "c", "methods": ["FT-M", "ROME"], "threads": 1, "replaced": ["FT-M"]})
+    assert line == "Methods ROME added and FT-M re-run, replacing earlier figures by `c` (1 thread(s))."
